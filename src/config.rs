@@ -1,0 +1,787 @@
+//! The configuration file: YAML, `${VAR}` / `${VAR:-default}` expanded from the environment
+//! in string values, then validated once into typed settings. Every problem is collected with
+//! its field path, so an operator fixes all of them in one pass.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bson::{Bson, DateTime, Document};
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::{Mapping, Value};
+use watchers::record::{FieldPath, RecordFormat};
+use watchers::spec::{
+    BatchSettings, FullDocument, OnHistoryLost, OnInvalidate, OnOversized, StartAt, WatcherSpec,
+};
+
+/// Settings of the whole process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mongodb: MongoConfig,
+    pub checkpoints: Option<CheckpointConfig>,
+    pub http: HttpConfig,
+    pub watchers: Vec<WatcherSpec>,
+}
+
+#[derive(Clone)]
+pub struct MongoConfig {
+    pub uri: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_ssm_parameter: Option<String>,
+}
+
+impl std::fmt::Debug for MongoConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoConfig")
+            .field("uri", &redact_uri(&self.uri))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "****"))
+            .field("password_ssm_parameter", &self.password_ssm_parameter)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckpointConfig {
+    pub table: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+/// Every problem found, each `path: message`.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())]))?;
+    parse(&text, &|name| std::env::var(name).ok())
+}
+
+/// Parses and validates a config text; `env` resolves `${VAR}`.
+pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    let mut problems = Vec::new();
+    let mut root: Value = serde_yaml_ng::from_str(text)
+        .map_err(|e| ConfigErrors(vec![format!("config is not valid YAML: {e}")]))?;
+    expand_env(&mut root, "", env, &mut problems);
+    let mut top = Section::new("", Some(root), &mut problems);
+
+    let mongodb = top.section("mongodb").map(|mut s| {
+        let uri = s.require::<String>("uri");
+        if let Some(u) = &uri {
+            if !u.starts_with("mongodb://") && !u.starts_with("mongodb+srv://") {
+                s.problem("uri", "must start with mongodb:// or mongodb+srv://");
+            }
+        }
+        let cfg = MongoConfig {
+            uri: uri.unwrap_or_default(),
+            username: s.take("username"),
+            password: s.take("password"),
+            password_ssm_parameter: s.take("password_ssm_parameter"),
+        };
+        if cfg.password.is_some() && cfg.password_ssm_parameter.is_some() {
+            s.problem(
+                "password",
+                "set either `password` or `password_ssm_parameter`, not both",
+            );
+        }
+        s.finish();
+        cfg
+    });
+    if mongodb.is_none() {
+        top.problem("mongodb", "missing");
+    }
+    let checkpoints = top.section("checkpoints").and_then(|mut s| {
+        let table = s.require::<String>("table");
+        s.finish();
+        table.map(|table| CheckpointConfig { table })
+    });
+    let http = match top.section("http") {
+        Some(mut s) => {
+            let listen = s.take::<String>("listen").and_then(|l| match l.parse() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    s.problem(
+                        "listen",
+                        format!("`{l}` is not an address like 0.0.0.0:8080"),
+                    );
+                    None
+                }
+            });
+            s.finish();
+            HttpConfig {
+                listen: listen.unwrap_or(default_listen()),
+            }
+        }
+        None => HttpConfig {
+            listen: default_listen(),
+        },
+    };
+    let defaults = top
+        .section("defaults")
+        .map(|s| PartialWatcher::parse(s))
+        .unwrap_or_default();
+    let mut watchers = Vec::new();
+    match top.take_raw("watchers") {
+        Some(Value::Sequence(items)) => {
+            if items.is_empty() {
+                top.problem("watchers", "needs at least one watcher");
+            }
+            let mut names = HashSet::new();
+            for (i, item) in items.into_iter().enumerate() {
+                let path = format!("watchers[{i}]");
+                let section = Section::new(&path, Some(item), top.problems);
+                let partial = PartialWatcher::parse(section);
+                if let Some(name) = &partial.name {
+                    if !names.insert(name.clone()) {
+                        top.problems
+                            .push(format!("{path}.name: duplicate watcher name `{name}`"));
+                    }
+                }
+                if let Some(spec) = partial.merge(&defaults, &path, top.problems) {
+                    watchers.push(spec);
+                }
+            }
+        }
+        Some(_) => top.problem("watchers", "must be a list"),
+        None => top.problem("watchers", "missing"),
+    }
+    top.finish();
+    if !problems.is_empty() {
+        return Err(ConfigErrors(problems));
+    }
+    Ok(Config {
+        mongodb: mongodb.expect("checked above"),
+        checkpoints,
+        http,
+        watchers,
+    })
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+
+/// Hides the password of a `mongodb://user:pass@host` URI.
+pub fn redact_uri(uri: &str) -> String {
+    let Some(scheme_end) = uri.find("://") else {
+        return uri.to_owned();
+    };
+    let rest = &uri[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            let shown = if userinfo.contains(':') {
+                format!("{user}:****")
+            } else {
+                user.to_owned()
+            };
+            format!("{}://{shown}@{}", &uri[..scheme_end], &rest[at + 1..])
+        }
+        None => uri.to_owned(),
+    }
+}
+
+fn expand_env(
+    value: &mut Value,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) {
+    match value {
+        Value::String(s) if s.contains("${") => match expand_str(s, env) {
+            Ok(expanded) => *s = expanded,
+            Err(msg) => problems.push(format!("{}: {msg}", display_path(path))),
+        },
+        Value::Sequence(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                expand_env(item, &format!("{path}[{i}]"), env, problems);
+            }
+        }
+        Value::Mapping(map) => {
+            for (k, v) in map.iter_mut() {
+                let key = k.as_str().unwrap_or("?");
+                expand_env(v, &join(path, key), env, problems);
+            }
+        }
+        Value::Tagged(t) => expand_env(&mut t.value, path, env, problems),
+        _ => {}
+    }
+}
+
+/// Expands `${VAR}` and `${VAR:-default}`; anything else is left as written.
+pub fn expand_str(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unclosed `${{` in `{s}`"));
+        };
+        let expr = &after[..end];
+        let (name, default) = match expr.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (expr, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("`${{{expr}}}` is not a variable reference"));
+        }
+        match (env(name).filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable `{name}` is not set (use `${{{name}:-default}}` for a default)"
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn display_path(path: &str) -> &str {
+    if path.is_empty() {
+        "(top level)"
+    } else {
+        path
+    }
+}
+
+/// A mapping whose keys are taken one by one; what is left is unknown.
+struct Section<'p> {
+    path: String,
+    map: Mapping,
+    problems: &'p mut Vec<String>,
+}
+
+impl<'p> Section<'p> {
+    fn new(path: &str, value: Option<Value>, problems: &'p mut Vec<String>) -> Self {
+        let map = match value {
+            Some(Value::Mapping(m)) => m,
+            None | Some(Value::Null) => Mapping::new(),
+            Some(_) => {
+                problems.push(format!("{}: must be a mapping", display_path(path)));
+                Mapping::new()
+            }
+        };
+        Self {
+            path: path.to_owned(),
+            map,
+            problems,
+        }
+    }
+
+    fn problem(&mut self, key: &str, msg: impl std::fmt::Display) {
+        self.problems
+            .push(format!("{}: {msg}", join(&self.path, key)));
+    }
+
+    fn take_raw(&mut self, key: &str) -> Option<Value> {
+        self.map.remove(key).filter(|v| !v.is_null())
+    }
+
+    fn take<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        let raw = self.take_raw(key)?;
+        match serde_yaml_ng::from_value(raw) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.problem(key, e);
+                None
+            }
+        }
+    }
+
+    fn require<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        if !self.map.contains_key(key) {
+            self.problem(key, "missing");
+            return None;
+        }
+        self.take(key)
+    }
+
+    fn section(&mut self, key: &str) -> Option<Section<'_>> {
+        let raw = self.take_raw(key)?;
+        Some(Section::new(
+            &join(&self.path, key),
+            Some(raw),
+            self.problems,
+        ))
+    }
+
+    fn duration(&mut self, key: &str) -> Option<Duration> {
+        let text: String = self.take(key)?;
+        match humantime::parse_duration(&text) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.problem(
+                    key,
+                    format!("`{text}` is not a duration like 250ms or 1s: {e}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn choice<T: Copy>(&mut self, key: &str, options: &[(&str, T)]) -> Option<T> {
+        let text: String = self.take(key)?;
+        match options.iter().find(|(name, _)| *name == text) {
+            Some((_, v)) => Some(*v),
+            None => {
+                let names: Vec<_> = options.iter().map(|(n, _)| *n).collect();
+                self.problem(key, format!("`{text}` is not one of {}", names.join(", ")));
+                None
+            }
+        }
+    }
+
+    fn finish(self) {
+        for key in self.map.keys() {
+            let name = match key {
+                Value::String(s) => s.clone(),
+                other => format!("{other:?}"),
+            };
+            self.problems
+                .push(format!("{}: unknown field", join(&self.path, &name)));
+        }
+    }
+}
+
+/// Watcher fields as written in one place (a watcher or `defaults`); merged afterwards.
+#[derive(Debug, Default, Clone)]
+struct PartialWatcher {
+    name: Option<String>,
+    database: Option<String>,
+    collection: Option<String>,
+    stream: Option<String>,
+    partition_key: Option<FieldPath>,
+    full_document: Option<FullDocument>,
+    pipeline: Option<Vec<Document>>,
+    start_at: Option<StartAt>,
+    on_history_lost: Option<OnHistoryLost>,
+    on_invalidate: Option<OnInvalidate>,
+    on_oversized: Option<OnOversized>,
+    record_format: Option<RecordFormat>,
+    checkpoint_interval: Option<Duration>,
+    batch_linger: Option<Duration>,
+    max_batch_records: Option<usize>,
+    max_batch_bytes: Option<usize>,
+    max_in_flight: Option<usize>,
+    max_pending: Option<usize>,
+    max_put_retries: Option<u32>,
+    retry_initial_backoff: Option<Duration>,
+    retry_max_backoff: Option<Duration>,
+}
+
+impl PartialWatcher {
+    fn parse(mut s: Section<'_>) -> Self {
+        let name: Option<String> = s.take("name");
+        if let Some(n) = &name {
+            let ok = !n.is_empty()
+                && n.len() <= 128
+                && n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            if !ok {
+                s.problem(
+                    "name",
+                    format!("`{n}` must match [a-z0-9_-]+ (at most 128 characters)"),
+                );
+            }
+        }
+        let partition_key = s.take::<String>("partition_key").and_then(|p| {
+            let parsed = FieldPath::parse(&p);
+            if parsed.is_none() {
+                s.problem(
+                    "partition_key",
+                    format!("`{p}` is not a dotted path like documentKey._id"),
+                );
+            }
+            parsed
+        });
+        let pipeline = s.take_raw("pipeline").and_then(|v| match yaml_to_bson(v) {
+            Ok(Bson::Array(stages)) => {
+                let mut docs = Vec::new();
+                for (i, stage) in stages.into_iter().enumerate() {
+                    match stage {
+                        Bson::Document(d) => docs.push(d),
+                        _ => s.problem(&format!("pipeline[{i}]"), "must be a mapping (a stage)"),
+                    }
+                }
+                Some(docs)
+            }
+            Ok(_) => {
+                s.problem("pipeline", "must be a list of stages");
+                None
+            }
+            Err(e) => {
+                s.problem("pipeline", e);
+                None
+            }
+        });
+        let start_at = s
+            .take_raw("start_at")
+            .and_then(|v| match parse_start_at(v) {
+                Ok(start) => Some(start),
+                Err(e) => {
+                    s.problem("start_at", e);
+                    None
+                }
+            });
+        let max_batch_records: Option<usize> = s.take("max_batch_records");
+        if let Some(n) = max_batch_records {
+            if n == 0 || n > watchers::batch::MAX_BATCH_RECORDS {
+                s.problem(
+                    "max_batch_records",
+                    format!("must be 1 to {}", watchers::batch::MAX_BATCH_RECORDS),
+                );
+            }
+        }
+        let max_batch_bytes: Option<usize> = s.take("max_batch_bytes");
+        if let Some(n) = max_batch_bytes {
+            if n == 0 || n > watchers::batch::MAX_BATCH_BYTES {
+                s.problem(
+                    "max_batch_bytes",
+                    format!("must be 1 to {}", watchers::batch::MAX_BATCH_BYTES),
+                );
+            }
+        }
+        let p = PartialWatcher {
+            name,
+            database: s.take("database"),
+            collection: s.take("collection"),
+            stream: s.take("stream"),
+            partition_key,
+            full_document: s.choice(
+                "full_document",
+                &[
+                    ("off", FullDocument::Off),
+                    ("updateLookup", FullDocument::UpdateLookup),
+                    ("whenAvailable", FullDocument::WhenAvailable),
+                    ("required", FullDocument::Required),
+                ],
+            ),
+            pipeline,
+            start_at,
+            on_history_lost: s.choice(
+                "on_history_lost",
+                &[
+                    ("fail", OnHistoryLost::Fail),
+                    ("restart_from_latest", OnHistoryLost::RestartFromLatest),
+                ],
+            ),
+            on_invalidate: s.choice(
+                "on_invalidate",
+                &[
+                    ("stop", OnInvalidate::Stop),
+                    ("continue", OnInvalidate::Continue),
+                ],
+            ),
+            on_oversized: s.choice(
+                "on_oversized",
+                &[("fail", OnOversized::Fail), ("skip", OnOversized::Skip)],
+            ),
+            record_format: s.choice(
+                "record_format",
+                &[
+                    ("relaxed", RecordFormat::Relaxed),
+                    ("canonical", RecordFormat::Canonical),
+                ],
+            ),
+            checkpoint_interval: s.duration("checkpoint_interval"),
+            batch_linger: s.duration("batch_linger"),
+            max_batch_records,
+            max_batch_bytes,
+            max_in_flight: s.take("max_in_flight"),
+            max_pending: s.take("max_pending"),
+            max_put_retries: s.take("max_put_retries"),
+            retry_initial_backoff: s.duration("retry_initial_backoff"),
+            retry_max_backoff: s.duration("retry_max_backoff"),
+        };
+        if p.max_in_flight == Some(0) {
+            s.problem("max_in_flight", "must be at least 1");
+        }
+        if p.max_pending == Some(0) {
+            s.problem("max_pending", "must be at least 1");
+        }
+        if p.checkpoint_interval == Some(Duration::ZERO) {
+            s.problem("checkpoint_interval", "must be more than 0");
+        }
+        s.finish();
+        p
+    }
+
+    /// Fills unset fields from `defaults` and checks that the required ones are there.
+    fn merge(
+        self,
+        d: &PartialWatcher,
+        path: &str,
+        problems: &mut Vec<String>,
+    ) -> Option<WatcherSpec> {
+        let mut missing = |field: &str, v: &Option<String>| {
+            if v.is_none() {
+                problems.push(format!("{path}.{field}: missing"));
+            }
+        };
+        let name = self.name;
+        let database = self.database.or_else(|| d.database.clone());
+        let collection = self.collection.or_else(|| d.collection.clone());
+        let stream = self.stream.or_else(|| d.stream.clone());
+        missing("name", &name);
+        missing("database", &database);
+        missing("collection", &collection);
+        missing("stream", &stream);
+        let defaults = BatchSettings::default();
+        let batch = BatchSettings {
+            max_records: self
+                .max_batch_records
+                .or(d.max_batch_records)
+                .unwrap_or(defaults.max_records),
+            max_bytes: self
+                .max_batch_bytes
+                .or(d.max_batch_bytes)
+                .unwrap_or(defaults.max_bytes),
+            linger: self
+                .batch_linger
+                .or(d.batch_linger)
+                .unwrap_or(defaults.linger),
+            max_in_flight: self
+                .max_in_flight
+                .or(d.max_in_flight)
+                .unwrap_or(defaults.max_in_flight),
+            max_pending: self
+                .max_pending
+                .or(d.max_pending)
+                .unwrap_or(defaults.max_pending),
+            max_put_retries: self.max_put_retries.or(d.max_put_retries),
+            retry_initial_backoff: self
+                .retry_initial_backoff
+                .or(d.retry_initial_backoff)
+                .unwrap_or(defaults.retry_initial_backoff),
+            retry_max_backoff: self
+                .retry_max_backoff
+                .or(d.retry_max_backoff)
+                .unwrap_or(defaults.retry_max_backoff),
+        };
+        Some(WatcherSpec {
+            name: name?,
+            database: database?,
+            collection: collection?,
+            stream: stream?,
+            partition_key: self
+                .partition_key
+                .or_else(|| d.partition_key.clone())
+                .or_else(|| FieldPath::parse("documentKey._id"))?,
+            full_document: self.full_document.or(d.full_document).unwrap_or_default(),
+            pipeline: self
+                .pipeline
+                .or_else(|| d.pipeline.clone())
+                .unwrap_or_default(),
+            start_at: self
+                .start_at
+                .or_else(|| d.start_at.clone())
+                .unwrap_or(StartAt::Latest),
+            on_history_lost: self
+                .on_history_lost
+                .or(d.on_history_lost)
+                .unwrap_or_default(),
+            on_invalidate: self.on_invalidate.or(d.on_invalidate).unwrap_or_default(),
+            on_oversized: self.on_oversized.or(d.on_oversized).unwrap_or_default(),
+            record_format: self.record_format.or(d.record_format).unwrap_or_default(),
+            batch,
+            checkpoint_interval: self
+                .checkpoint_interval
+                .or(d.checkpoint_interval)
+                .unwrap_or(Duration::from_secs(1)),
+        })
+    }
+}
+
+fn parse_start_at(v: Value) -> Result<StartAt, String> {
+    match v {
+        Value::String(s) if s == "latest" => Ok(StartAt::Latest),
+        Value::Mapping(m) if m.len() == 1 => {
+            let (k, v) = m.into_iter().next().ok_or("empty mapping")?;
+            match k.as_str() {
+                Some("timestamp") => {
+                    let text = v.as_str().ok_or("`timestamp` must be an RFC 3339 string")?;
+                    let dt = DateTime::parse_rfc3339_str(text).map_err(|e| {
+                        format!("`{text}` is not an RFC 3339 time like 2024-05-01T00:00:00Z: {e}")
+                    })?;
+                    if dt > DateTime::now() {
+                        return Err(format!("`{text}` is in the future"));
+                    }
+                    Ok(StartAt::Timestamp(dt))
+                }
+                Some("resume_token") => match yaml_to_bson(v)? {
+                    doc @ Bson::Document(_) => Ok(StartAt::ResumeToken(doc)),
+                    _ => Err("`resume_token` must be a mapping such as {_data: ...}".into()),
+                },
+                _ => Err("must be `latest`, {timestamp: RFC3339} or {resume_token: {...}}".into()),
+            }
+        }
+        _ => Err("must be `latest`, {timestamp: RFC3339} or {resume_token: {...}}".into()),
+    }
+}
+
+/// YAML to BSON through Extended JSON, so `{$date: ...}` and friends keep their meaning.
+fn yaml_to_bson(v: Value) -> Result<Bson, String> {
+    let json: serde_json::Value =
+        serde_yaml_ng::from_value(v).map_err(|e| format!("cannot be read as JSON: {e}"))?;
+    Bson::try_from(json).map_err(|e| format!("is not valid Extended JSON: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "STREAM" => Some("from-env".into()),
+            "URI" => Some("mongodb://u:secret@h:27017/?x=1".into()),
+            _ => None,
+        }
+    }
+
+    const GOOD: &str = r#"
+mongodb: {uri: "${URI}"}
+checkpoints: {table: cps}
+defaults: {stream: "${STREAM}", batch_linger: 10ms}
+watchers:
+  - {name: orders, database: shop, collection: orders, stream: orders-events,
+     pipeline: [{$match: {operationType: insert}}], start_at: {timestamp: "2024-01-01T00:00:00Z"}}
+  - {name: users, database: shop, collection: users, partition_key: fullDocument.email,
+     full_document: off, max_put_retries: 3}
+"#;
+
+    #[test]
+    fn a_good_config_resolves_with_defaults() {
+        let c = parse(GOOD, &env).unwrap();
+        assert_eq!(c.watchers.len(), 2);
+        let users = &c.watchers[1];
+        assert_eq!(users.stream, "from-env");
+        assert_eq!(users.batch.linger, Duration::from_millis(10));
+        assert_eq!(users.batch.max_put_retries, Some(3));
+        assert_eq!(users.full_document, FullDocument::Off);
+        assert_eq!(users.partition_key.to_string(), "fullDocument.email");
+        assert_eq!(users.start_at, StartAt::Latest);
+        let orders = &c.watchers[0];
+        assert_eq!(orders.pipeline.len(), 1);
+        assert_eq!(orders.full_document, FullDocument::UpdateLookup);
+        assert_eq!(orders.checkpoint_interval, Duration::from_secs(1));
+        assert!(matches!(orders.start_at, StartAt::Timestamp(_)));
+        assert_eq!(c.checkpoints.unwrap().table, "cps");
+        assert!(!format!("{:?}", c.mongodb).contains("secret"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+mongodb: {uri: x, pasword: y}
+watchers:
+  - {name: Orders!, database: shop, collection: orders, nme: x}
+  - {name: b, database: shop, collection: c}
+  - {name: b, database: shop, collection: c, stream: s, checkpoint_interval: soon,
+     full_document: sometimes, start_at: {timestamp: "2999-01-01T00:00:00Z"}, max_batch_records: 501}
+extra: 1
+"#;
+        let errs = parse(text, &env).unwrap_err().0;
+        let expect = [
+            "mongodb.pasword: unknown field",
+            "watchers[0].name: `Orders!` must match [a-z0-9_-]+",
+            "watchers[0].nme: unknown field",
+            "watchers[0].stream: missing",
+            "watchers[1].stream: missing",
+            "watchers[2].name: duplicate watcher name `b`",
+            "watchers[2].checkpoint_interval: `soon` is not a duration",
+            "watchers[2].full_document: `sometimes` is not one of",
+            "watchers[2].start_at: `2999-01-01T00:00:00Z` is in the future",
+            "watchers[2].max_batch_records: must be 1 to 500",
+            "extra: unknown field",
+        ];
+        for e in expect {
+            assert!(
+                errs.iter().any(|p| p.starts_with(e)),
+                "missing {e:?} in {errs:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn env_expansion() {
+        assert_eq!(expand_str("a-${STREAM}-b", &env).unwrap(), "a-from-env-b");
+        assert_eq!(expand_str("${NOPE:-dflt}", &env).unwrap(), "dflt");
+        assert_eq!(
+            expand_str("$match ${STREAM}", &env).unwrap(),
+            "$match from-env"
+        );
+        assert!(expand_str("${NOPE}", &env)
+            .unwrap_err()
+            .contains("`NOPE` is not set"));
+        assert!(expand_str("${OPEN", &env).is_err());
+        let errs = parse("mongodb: {uri: \"${NOPE}\"}\nwatchers: []", &env)
+            .unwrap_err()
+            .0;
+        assert!(
+            errs.iter()
+                .any(|p| p.starts_with("mongodb.uri: environment variable `NOPE`")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn uri_passwords_are_redacted() {
+        assert_eq!(
+            redact_uri("mongodb://u:secret@h1:1,h2:2/db?tls=true"),
+            "mongodb://u:****@h1:1,h2:2/db?tls=true"
+        );
+        assert_eq!(
+            redact_uri("mongodb://h:1/?directConnection=true"),
+            "mongodb://h:1/?directConnection=true"
+        );
+        assert_eq!(redact_uri("mongodb+srv://u@h/"), "mongodb+srv://u@h/");
+    }
+
+    #[test]
+    fn bad_yaml_and_wrong_shapes() {
+        assert!(parse(":\n  - [", &env).is_err());
+        let errs = parse("mongodb: 3\nwatchers: {}", &env).unwrap_err().0;
+        assert!(
+            errs.iter().any(|p| p == "mongodb: must be a mapping"),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|p| p == "watchers: must be a list"),
+            "{errs:?}"
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! mongo-watcher: MongoDB change streams into AWS Kinesis, checkpointed in DynamoDB.
+//!
+//! `main` reads the config, builds the clients, starts one supervised task per watcher and
+//! waits for SIGTERM/SIGINT; everything else lives in the `watchers` crate.
+
+mod config;
+mod logging;
+mod supervisor;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use watchers::checkpoint::CheckpointStore;
+use watchers::retry::Backoff;
+
+use crate::config::{redact_uri, Config};
+
+/// How long shutdown may take before the process exits anyway (ECS and Kubernetes give 30 s).
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(18);
+
+#[derive(Parser)]
+#[command(
+    name = "mongo-watcher",
+    version,
+    about = "MongoDB change streams into AWS Kinesis"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the watchers until SIGTERM or SIGINT.
+    Run {
+        /// Config file (YAML).
+        #[arg(long, env = "MONGO_WATCHER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file: print the resolved watchers (exit 0) or every problem (exit 2).
+    CheckConfig {
+        #[arg(long, env = "MONGO_WATCHER_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match config::load(&config) {
+            Ok(cfg) => {
+                print_config(&cfg);
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprint!("{errors}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            let cfg = match config::load(&config) {
+                Ok(cfg) => cfg,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    return ExitCode::from(2);
+                }
+            };
+            logging::init();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    error!(error = %e, "cannot start the async runtime");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!(error = format!("{e:#}"), "mongo-watcher stopped");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn print_config(cfg: &Config) {
+    println!("mongodb: {}", redact_uri(&cfg.mongodb.uri));
+    match &cfg.checkpoints {
+        Some(c) => println!("checkpoints: table {}", c.table),
+        None => println!("checkpoints: none (every start is a first start)"),
+    }
+    println!("http: {}", cfg.http.listen);
+    println!("watchers ({}):", cfg.watchers.len());
+    for w in &cfg.watchers {
+        println!(
+            "  {}: {}.{} -> kinesis {} (partition_key {}, full_document {:?}, start_at {:?}, \
+             batch {} records/{} bytes/linger {:?}, checkpoint every {:?}, max_put_retries {})",
+            w.name,
+            w.database,
+            w.collection,
+            w.stream,
+            w.partition_key,
+            w.full_document,
+            w.start_at,
+            w.batch.max_records,
+            w.batch.max_bytes,
+            w.batch.linger,
+            w.checkpoint_interval,
+            w.batch
+                .max_put_retries
+                .map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
+        );
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+
+    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .operation_attempt_timeout(Duration::from_secs(30))
+                .build(),
+        )
+        .load()
+        .await;
+    let password = match (&cfg.mongodb.password, &cfg.mongodb.password_ssm_parameter) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(name)) => {
+            let ssm = aws_sdk_ssm::Client::new(&aws);
+            match fetch_ssm_password(&ssm, name, &shutdown).await {
+                Some(p) => Some(p),
+                None => return Ok(()),
+            }
+        }
+        (None, None) => None,
+    };
+    let mongo = mongo_client(&cfg, password, cfg.watchers.len()).await?;
+    let deps = watchers::Deps {
+        mongo,
+        kinesis: aws_sdk_kinesis::Client::new(&aws),
+        checkpoints: cfg
+            .checkpoints
+            .as_ref()
+            .map(|c| CheckpointStore::new(aws_sdk_dynamodb::Client::new(&aws), c.table.clone())),
+    };
+    if deps.checkpoints.is_none() {
+        warn!("no checkpoint table configured: every start begins at `start_at`");
+    }
+    info!(watchers = cfg.watchers.len(), "starting");
+    let supervisor = supervisor::Supervisor::start(cfg.watchers, deps, &shutdown);
+    shutdown.cancelled().await;
+    info!("shutting down: draining watchers");
+    if supervisor.wait(SHUTDOWN_DEADLINE).await {
+        info!("all watchers stopped");
+    }
+    Ok(())
+}
+
+async fn mongo_client(
+    cfg: &Config,
+    password: Option<String>,
+    watchers: usize,
+) -> anyhow::Result<mongodb::Client> {
+    let mut secrets: Vec<String> = password.iter().cloned().collect();
+    secrets.push(cfg.mongodb.uri.clone());
+    let redact = |text: String| {
+        secrets
+            .iter()
+            .filter(|s| !s.is_empty())
+            .fold(text, |t, s| t.replace(s.as_str(), "****"))
+    };
+    let mut options = mongodb::options::ClientOptions::parse(&cfg.mongodb.uri)
+        .await
+        .map_err(|e| anyhow::anyhow!(redact(e.to_string())))
+        .with_context(|| {
+            format!(
+                "mongodb.uri `{}` is not usable",
+                redact_uri(&cfg.mongodb.uri)
+            )
+        })?;
+    if cfg.mongodb.username.is_some() || password.is_some() {
+        let mut credential = options.credential.take().unwrap_or_default();
+        if let Some(user) = &cfg.mongodb.username {
+            credential.username = Some(user.clone());
+        }
+        if password.is_some() {
+            credential.password = password;
+        }
+        options.credential = Some(credential);
+    }
+    options.app_name = Some("mongo-watcher".into());
+    // Each open change stream holds a connection while its getMore waits; a pool smaller than
+    // the watcher count makes streams queue for connections (40 streams took ~36 s to open
+    // with the default pool of 10).
+    options.max_pool_size = Some((watchers as u32).saturating_add(8).max(10));
+    mongodb::Client::with_options(options)
+        .map_err(|e| anyhow::anyhow!(redact(e.to_string())))
+        .context("cannot build the MongoDB client")
+}
+
+/// Reads the MongoDB password from SSM, retrying until it works or shutdown.
+async fn fetch_ssm_password(
+    ssm: &aws_sdk_ssm::Client,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Option<String> {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        let result = ssm
+            .get_parameter()
+            .name(name)
+            .with_decryption(true)
+            .send()
+            .await;
+        let problem = match result {
+            Ok(out) => match out.parameter().and_then(|p| p.value()) {
+                Some(v) => return Some(v.to_owned()),
+                None => format!("SSM parameter `{name}` has no value"),
+            },
+            Err(e) => {
+                use aws_sdk_ssm::error::ProvideErrorMetadata;
+                match e.code() {
+                    Some("ParameterNotFound") => {
+                        format!("SSM parameter `{name}` (mongodb.password_ssm_parameter) does not exist")
+                    }
+                    Some(code) => format!("SSM parameter `{name}`: {code}"),
+                    None => format!(
+                        "SSM parameter `{name}`: {}",
+                        aws_sdk_ssm::error::DisplayErrorContext(&e)
+                    ),
+                }
+            }
+        };
+        let delay = backoff.next_delay();
+        error!(error = %problem, retry_in = ?delay, "cannot read the MongoDB password");
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "shutdown requested"),
+        _ = tokio::signal::ctrl_c() => info!(signal = "SIGINT", "shutdown requested"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,573 @@
+#!/usr/bin/env python3
+"""Fault-injection HTTP proxy for AWS Kinesis (awsJson1_1) in front of moto.
+
+Standard library only (Python 3.11).
+
+    python kinesis_proxy.py --upstream http://127.0.0.1:MOTO_PORT [--port 0] [-v]
+
+Binds 127.0.0.1:PORT (0 = pick a free port), prints exactly one line
+``LISTENING <port>`` to stdout (flushed) once ready; logs go to stderr.
+
+Every request is forwarded verbatim (method, path+query, headers, body) to the
+upstream, and the upstream status/headers/body are relayed back.  Only
+PutRecords calls (``X-Amz-Target: Kinesis_20131202.PutRecords``) are subject to
+fault injection.
+
+Control API (same port, JSON in/out):
+
+  POST /_proxy/rules   replace the rules (missing keys = defaults), returns rules
+  GET  /_proxy/rules   current rules (fail_keys shows remaining counts)
+  GET  /_proxy/stats   counters
+  POST /_proxy/reset   rules -> defaults, stats -> zero, releases held calls
+
+Rules (defaults shown):
+
+  fail_record_rate  0.0    P(entry is NOT forwarded and reported failed)
+  fail_record_code  "ProvisionedThroughputExceededException"
+  ack_lost_rate     0.0    P(entry IS forwarded but reported failed)
+  fail_call_rate    0.0    P(whole call answered with an error, not forwarded)
+  fail_call_status  500    500 InternalFailure / 400 ProvisionedThroughput... /
+                           503 ServiceUnavailable / other -> InternalFailure
+  delay_ms          0      sleep before handling each PutRecords call
+  hold              false  forward, but withhold the reply until hold=false,
+                           reset, or client disconnect
+  fail_keys         {}     {"PartitionKey": N}: key fails its next N attempts
+  seed              null   RNG seed (the RNG is re-created on every rules POST)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import select
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+import http.client
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+AMZ_JSON = "application/x-amz-json-1.1"
+CONTROL_PREFIX = "/_proxy/"
+
+# Hop-by-hop headers (RFC 7230 6.1) plus the ones we recompute ourselves.
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    # Expect: 100-continue is answered by BaseHTTPRequestHandler itself; the
+    # body has already been read when we forward, so do not pass it on.
+    "expect",
+}
+
+DEFAULT_RULES = {
+    "fail_record_rate": 0.0,
+    "fail_record_code": "ProvisionedThroughputExceededException",
+    "ack_lost_rate": 0.0,
+    "fail_call_rate": 0.0,
+    "fail_call_status": 500,
+    "delay_ms": 0,
+    "hold": False,
+    "fail_keys": {},
+    "seed": None,
+}
+
+STAT_KEYS = (
+    "put_calls",
+    "calls_failed",
+    "records_forwarded",
+    "records_failed",
+    "records_ack_lost",
+    "held_calls",
+    "held_total",
+    "other_calls",
+)
+
+VERBOSE = False
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[kinesis_proxy {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+def vlog(msg: str) -> None:
+    if VERBOSE:
+        log(msg)
+
+
+class RuleError(ValueError):
+    pass
+
+
+def validate_rules(raw: object) -> dict:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RuleError("rules body must be a JSON object")
+    unknown = set(raw) - set(DEFAULT_RULES)
+    if unknown:
+        raise RuleError(f"unknown rule keys: {sorted(unknown)}")
+    rules = copy.deepcopy(DEFAULT_RULES)
+    rules.update(raw)
+    for k in ("fail_record_rate", "ack_lost_rate", "fail_call_rate"):
+        v = rules[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise RuleError(f"{k} must be a number in [0, 1]")
+        rules[k] = float(v)
+    if not isinstance(rules["fail_record_code"], str) or not rules["fail_record_code"]:
+        raise RuleError("fail_record_code must be a non-empty string")
+    st = rules["fail_call_status"]
+    if isinstance(st, bool) or not isinstance(st, int) or not 400 <= st <= 599:
+        raise RuleError("fail_call_status must be an int in 400..599")
+    d = rules["delay_ms"]
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or d < 0:
+        raise RuleError("delay_ms must be a non-negative number")
+    if not isinstance(rules["hold"], bool):
+        raise RuleError("hold must be a boolean")
+    fk = rules["fail_keys"]
+    if fk is None:
+        fk = {}
+    if not isinstance(fk, dict) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in fk.values()
+    ):
+        raise RuleError("fail_keys must be an object of {partition_key: non-negative int}")
+    rules["fail_keys"] = {str(k): int(n) for k, n in fk.items()}
+    seed = rules["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, str))):
+        raise RuleError("seed must be null, an int or a string")
+    return rules
+
+
+class State:
+    """Rules, RNG and counters, shared by all handler threads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.rules = copy.deepcopy(DEFAULT_RULES)
+        self.rng = random.Random()
+        self.stats = {k: 0 for k in STAT_KEYS}
+        # Bumped whenever held calls must be released (hold -> false, reset).
+        self.release_gen = 0
+
+    def set_rules(self, rules: dict) -> None:
+        with self.cond:
+            was_hold = self.rules["hold"]
+            self.rules = rules
+            self.rng = random.Random(rules["seed"]) if rules["seed"] is not None else random.Random()
+            if was_hold and not rules["hold"]:
+                self.release_gen += 1
+                self.cond.notify_all()
+
+    def reset(self) -> None:
+        with self.cond:
+            self.rules = copy.deepcopy(DEFAULT_RULES)
+            self.rng = random.Random()
+            held = self.stats["held_calls"]
+            self.stats = {k: 0 for k in STAT_KEYS}
+            # Still-held threads decrement held_calls when they leave; keep the
+            # count of currently held calls so the number never goes negative.
+            self.stats["held_calls"] = held
+            self.release_gen += 1
+            self.cond.notify_all()
+
+    def snapshot_rules(self) -> dict:
+        with self.lock:
+            return copy.deepcopy(self.rules)
+
+    def snapshot_stats(self) -> dict:
+        with self.lock:
+            return dict(self.stats)
+
+    def bump(self, **kw: int) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                self.stats[k] += v
+
+
+class Upstream:
+    def __init__(self, url: str, timeout: float) -> None:
+        u = urllib.parse.urlsplit(url)
+        if u.scheme != "http":
+            raise SystemExit(f"--upstream must be http://host:port, got {url!r}")
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 80
+        self.netloc = f"{self.host}:{self.port}"
+        self.timeout = timeout
+        self.local = threading.local()
+
+    def _conn(self, fresh: bool) -> http.client.HTTPConnection:
+        c = getattr(self.local, "conn", None)
+        if c is None or fresh:
+            if c is not None:
+                c.close()
+            c = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self.local.conn = c
+        return c
+
+    def request(self, method: str, path: str, headers: list[tuple[str, str]],
+                body: bytes | None) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        """Send one request; returns (status, reason, headers, body)."""
+        last_exc: Exception | None = None
+        for attempt in range(2):
+            reused = getattr(self.local, "conn", None) is not None and attempt == 0
+            conn = self._conn(fresh=attempt > 0)
+            try:
+                has_host = any(k.lower() == "host" for k, _ in headers)
+                conn.putrequest(method, path, skip_host=has_host, skip_accept_encoding=True)
+                for k, v in headers:
+                    conn.putheader(k, v)
+                if body is not None:
+                    conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders(body if body else None)
+                resp = conn.getresponse()
+                data = resp.read()
+                hdrs = resp.getheaders()
+                if resp.will_close:
+                    conn.close()
+                    self.local.conn = None
+                return resp.status, resp.reason, hdrs, data
+            except (http.client.RemoteDisconnected, BrokenPipeError,
+                    ConnectionResetError, ConnectionAbortedError) as e:
+                # A stale keep-alive connection: retry once on a fresh one.
+                conn.close()
+                self.local.conn = None
+                last_exc = e
+                if not reused:
+                    break
+            except Exception:
+                conn.close()
+                self.local.conn = None
+                raise
+        assert last_exc is not None
+        raise last_exc
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "kinesis-fault-proxy/1"
+    # set on the class by main()
+    state: State
+    upstream: Upstream
+
+    # ------------------------------------------------------------------ utils
+    def log_message(self, format: str, *args) -> None:  # noqa: A002
+        vlog(f"{self.address_string()} {format % args}")
+
+    def log_error(self, format: str, *args) -> None:  # noqa: A002
+        log(f"{self.address_string()} {format % args}")
+
+    def _read_body(self) -> bytes | None:
+        te = self.headers.get("Transfer-Encoding", "")
+        if "chunked" in te.lower():
+            chunks = []
+            while True:
+                line = self.rfile.readline(65537)
+                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    # trailers until blank line
+                    while True:
+                        t = self.rfile.readline(65537)
+                        if t in (b"\r\n", b"\n", b""):
+                            break
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(65537)  # CRLF after chunk
+            return b"".join(chunks)
+        cl = self.headers.get("Content-Length")
+        if cl is not None:
+            n = int(cl)
+            return self.rfile.read(n) if n > 0 else b""
+        return None
+
+    def _forward_headers(self) -> list[tuple[str, str]]:
+        conn_tokens = {
+            t.strip().lower()
+            for v in self.headers.get_all("Connection", []) for t in v.split(",")
+        }
+        return [
+            (k, v) for k, v in self.headers.items()
+            if k.lower() not in HOP_BY_HOP and k.lower() not in conn_tokens
+        ]
+
+    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes,
+              reason: str | None = None) -> None:
+        self.send_response_only(status, reason)
+        for k, v in headers:
+            self.send_header(k, v)
+        if self.command != "HEAD" or not any(k.lower() == "content-length" for k, _ in headers):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and body:
+            self.wfile.write(body)
+        self.wfile.flush()
+        self.log_request(status, len(body))
+
+    def _send_json(self, status: int, obj: object, content_type: str = "application/json",
+                   extra: list[tuple[str, str]] | None = None) -> None:
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        hdrs = [("Content-Type", content_type)] + (extra or [])
+        self._send(status, hdrs, body)
+
+    def _send_aws_error(self, status: int, type_: str, message: str) -> None:
+        self._send_json(status, {"__type": type_, "message": message}, AMZ_JSON,
+                        [("x-amzn-ErrorType", type_), ("x-amzn-RequestId", str(uuid.uuid4()))])
+
+    def _relay(self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        out = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+        if self.command == "HEAD":
+            out += [(k, v) for k, v in headers if k.lower() == "content-length"]
+        self._send(status, out, body, reason)
+
+    def _client_gone(self) -> bool:
+        try:
+            r, _, _ = select.select([self.connection], [], [], 0)
+            if not r:
+                return False
+            data = self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return data == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    # --------------------------------------------------------------- dispatch
+    def _handle(self) -> None:
+        try:
+            body = self._read_body()
+        except (ValueError, OSError) as e:
+            self.close_connection = True
+            self._send_json(400, {"error": f"bad request body: {e}"})
+            return
+        path = urllib.parse.urlsplit(self.path).path if self.path.startswith("http") else self.path
+        if path.startswith(CONTROL_PREFIX):
+            self._control(path.split("?", 1)[0], body)
+            return
+        target = self.headers.get("X-Amz-Target", "")
+        if self.command == "POST" and target.endswith(".PutRecords"):
+            self._put_records(body or b"")
+            return
+        self.state.bump(other_calls=1)
+        self._forward_verbatim(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _handle
+
+    def _forward_verbatim(self, body: bytes | None) -> None:
+        try:
+            res = self.upstream.request(self.command, self.path, self._forward_headers(), body)
+        except Exception as e:  # upstream down etc.
+            log(f"upstream error on {self.command} {self.path}: {e!r}")
+            self._send_aws_error(502, "InternalFailure", f"proxy upstream error: {e}")
+            return
+        self._relay(*res)
+
+    # ---------------------------------------------------------------- control
+    def _control(self, path: str, body: bytes | None) -> None:
+        st = self.state
+        if path == "/_proxy/rules" and self.command in ("POST", "PUT"):
+            try:
+                raw = json.loads(body) if body else {}
+                rules = validate_rules(raw)
+            except (ValueError, RuleError) as e:
+                self._send_json(400, {"error": str(e)})
+                return
+            st.set_rules(rules)
+            log(f"rules set: {json.dumps(rules, sort_keys=True)}")
+            self._send_json(200, st.snapshot_rules())
+        elif path == "/_proxy/rules" and self.command in ("GET", "HEAD"):
+            self._send_json(200, st.snapshot_rules())
+        elif path == "/_proxy/stats" and self.command in ("GET", "HEAD"):
+            self._send_json(200, st.snapshot_stats())
+        elif path == "/_proxy/reset" and self.command == "POST":
+            st.reset()
+            log("reset")
+            self._send_json(200, {"rules": st.snapshot_rules(), "stats": st.snapshot_stats()})
+        else:
+            self._send_json(404, {"error": f"unknown control endpoint {self.command} {path}"})
+
+    # ------------------------------------------------------------ PutRecords
+    def _put_records(self, body: bytes) -> None:
+        st = self.state
+        try:
+            req = json.loads(body)
+            records = req["Records"]
+            if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+                raise ValueError("Records is not a list of objects")
+        except (ValueError, KeyError, TypeError):
+            # Not JSON (e.g. CBOR) or unexpected shape: forward untouched.
+            st.bump(other_calls=1)
+            self._forward_verbatim(body)
+            return
+
+        with st.lock:
+            st.stats["put_calls"] += 1
+            rules = st.rules
+            delay_ms = rules["delay_ms"]
+            code = rules["fail_record_code"]
+            fail_call = rules["fail_call_rate"] > 0 and st.rng.random() < rules["fail_call_rate"]
+            fail_status = rules["fail_call_status"]
+            # per entry: "ok" | "fail" (not forwarded) | "lost" (forwarded, reported failed)
+            fate: list[str] = []
+            if not fail_call:
+                for rec in records:
+                    key = rec.get("PartitionKey")
+                    if isinstance(key, str) and rules["fail_keys"].get(key, 0) > 0:
+                        rules["fail_keys"][key] -= 1
+                        fate.append("fail")
+                    elif rules["fail_record_rate"] > 0 and st.rng.random() < rules["fail_record_rate"]:
+                        fate.append("fail")
+                    elif rules["ack_lost_rate"] > 0 and st.rng.random() < rules["ack_lost_rate"]:
+                        fate.append("lost")
+                    else:
+                        fate.append("ok")
+
+        if delay_ms:
+            time.sleep(delay_ms / 1000.0)
+
+        if fail_call:
+            st.bump(calls_failed=1)
+            type_, msg = {
+                400: ("ProvisionedThroughputExceededException", "Rate exceeded (injected)"),
+                503: ("ServiceUnavailable", "injected"),
+            }.get(fail_status, ("InternalFailure", "injected"))
+            vlog(f"PutRecords: injected call failure {fail_status} {type_}")
+            self._send_aws_error(fail_status, type_, msg)
+            return
+
+        fwd_idx = [i for i, f in enumerate(fate) if f != "fail"]
+        result_entries: list[dict | None] = [None] * len(records)
+        top: dict = {}
+        request_id = None
+        if fwd_idx:
+            sub = dict(req)
+            sub["Records"] = [records[i] for i in fwd_idx]
+            sub_body = json.dumps(sub, separators=(",", ":")).encode()
+            try:
+                status, reason, hdrs, data = self.upstream.request(
+                    "POST", self.path, self._forward_headers(), sub_body)
+            except Exception as e:
+                log(f"upstream error on PutRecords: {e!r}")
+                self._send_aws_error(502, "InternalFailure", f"proxy upstream error: {e}")
+                return
+            if status != 200:
+                vlog(f"PutRecords: upstream returned {status}, relaying")
+                self._hold_then(lambda: self._relay(status, reason, hdrs, data))
+                return
+            try:
+                resp = json.loads(data)
+                up_entries = resp["Records"]
+                if len(up_entries) != len(fwd_idx):
+                    raise ValueError("upstream Records length mismatch")
+            except (ValueError, KeyError, TypeError) as e:
+                log(f"PutRecords: cannot parse upstream response ({e}); relaying verbatim")
+                self._hold_then(lambda: self._relay(status, reason, hdrs, data))
+                return
+            top = {k: v for k, v in resp.items() if k not in ("Records", "FailedRecordCount")}
+            for i, ent in zip(fwd_idx, up_entries):
+                result_entries[i] = ent
+            request_id = next((v for k, v in hdrs if k.lower() == "x-amzn-requestid"), None)
+
+        out_entries = []
+        n_fail = n_lost = 0
+        for i, f in enumerate(fate):
+            if f == "fail":
+                n_fail += 1
+                out_entries.append({"ErrorCode": code, "ErrorMessage": "injected"})
+            elif f == "lost":
+                n_lost += 1
+                out_entries.append({"ErrorCode": code, "ErrorMessage": "injected"})
+            else:
+                out_entries.append(result_entries[i])
+        failed_count = sum(1 for e in out_entries if e.get("ErrorCode"))
+        st.bump(records_forwarded=len(fwd_idx), records_failed=n_fail, records_ack_lost=n_lost)
+        if n_fail or n_lost:
+            vlog(f"PutRecords: {len(records)} entries, {n_fail} failed, {n_lost} ack-lost")
+        out = {"FailedRecordCount": failed_count, "Records": out_entries}
+        out.update(top)
+        extra = [("x-amzn-RequestId", request_id or str(uuid.uuid4()))]
+        self._hold_then(lambda: self._send_json(200, out, AMZ_JSON, extra))
+
+    def _hold_then(self, send) -> None:
+        st = self.state
+        with st.cond:
+            if not st.rules["hold"]:
+                held = False
+            else:
+                held = True
+                gen = st.release_gen
+                st.stats["held_calls"] += 1
+                st.stats["held_total"] += 1
+        if held:
+            vlog("PutRecords: holding response")
+            gone = False
+            try:
+                while True:
+                    with st.cond:
+                        if not st.rules["hold"] or st.release_gen != gen:
+                            break
+                        st.cond.wait(0.05)
+                    if self._client_gone():
+                        gone = True
+                        break
+            finally:
+                with st.cond:
+                    st.stats["held_calls"] -= 1
+            if gone:
+                vlog("PutRecords: client disconnected while held; dropping response")
+                self.close_connection = True
+                return
+        try:
+            send()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+def main(argv: list[str] | None = None) -> None:
+    global VERBOSE
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--upstream", required=True, help="http://127.0.0.1:MOTO_PORT")
+    ap.add_argument("--port", type=int, default=0, help="listen port on 127.0.0.1 (0 = free port)")
+    ap.add_argument("--upstream-timeout", type=float, default=120.0)
+    ap.add_argument("-v", "--verbose", action="store_true", help="log every request to stderr")
+    args = ap.parse_args(argv)
+    VERBOSE = args.verbose
+
+    upstream = Upstream(args.upstream, args.upstream_timeout)
+    if upstream.host != "127.0.0.1":
+        raise SystemExit("--upstream must be on 127.0.0.1")
+    ProxyHandler.state = State()
+    ProxyHandler.upstream = upstream
+    srv = Server(("127.0.0.1", args.port), ProxyHandler)
+    port = srv.server_address[1]
+    log(f"proxying 127.0.0.1:{port} -> {upstream.netloc}")
+    sys.stdout.write(f"LISTENING {port}\n")
+    sys.stdout.flush()
+    try:
+        srv.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+//! The ack frontier: which position may be checkpointed.
+//!
+//! Every event read gets a sequence number and is entered here in read order with its resume
+//! position. Acks mark entries; the front is popped while it is acknowledged, and the position
+//! of the last popped entry is the frontier: it and every event before it are in Kinesis.
+//! Only the frontier is ever checkpointed. An idle marker (the post-batch resume token of an
+//! empty read) is entered already acknowledged, so a quiet collection's frontier keeps moving
+//! once everything read before it is acknowledged.
+
+use std::collections::VecDeque;
+
+use bson::{Bson, Timestamp};
+
+/// Where a change stream can be reopened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    /// The resume token, opaque, as the server sent it.
+    pub token: Bson,
+    /// Cluster time of the event, when known (idle markers have none).
+    pub cluster_time: Option<Timestamp>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    seq: u64,
+    position: Position,
+    acked: bool,
+    marker: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct AckTracker {
+    entries: VecDeque<Entry>,
+    next_seq: u64,
+    frontier: Option<Position>,
+    /// Cluster time of the newest event at or behind the frontier.
+    frontier_event_time: Option<Timestamp>,
+}
+
+impl AckTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Enters a newly read event; returns its sequence number.
+    pub fn push_event(&mut self, position: Position) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.entries.push_back(Entry {
+            seq,
+            position,
+            acked: false,
+            marker: false,
+        });
+        seq
+    }
+
+    /// Enters a position reached without an event (post-batch resume token).
+    pub fn push_idle(&mut self, token: Bson) {
+        let position = Position {
+            token,
+            cluster_time: None,
+        };
+        if self.entries.is_empty() {
+            self.frontier = Some(position);
+            return;
+        }
+        if let Some(back) = self.entries.back_mut() {
+            if back.marker {
+                back.position = position;
+                return;
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.entries.push_back(Entry {
+            seq,
+            position,
+            acked: true,
+            marker: true,
+        });
+    }
+
+    /// Marks `seq` acknowledged (or skipped on purpose) and advances the frontier.
+    pub fn ack(&mut self, seq: u64) {
+        let Some(front) = self.entries.front() else {
+            return;
+        };
+        let Some(index) = seq.checked_sub(front.seq) else {
+            return;
+        };
+        if let Some(entry) = self.entries.get_mut(index as usize) {
+            debug_assert_eq!(entry.seq, seq);
+            entry.acked = true;
+        }
+        while self.entries.front().is_some_and(|e| e.acked) {
+            if let Some(entry) = self.entries.pop_front() {
+                if !entry.marker {
+                    self.frontier_event_time = entry.position.cluster_time;
+                }
+                self.frontier = Some(entry.position);
+            }
+        }
+    }
+
+    /// The newest position such that it and everything read before it are acknowledged.
+    pub fn frontier(&self) -> Option<&Position> {
+        self.frontier.as_ref()
+    }
+
+    /// Cluster time of the newest acknowledged event behind the frontier.
+    pub fn frontier_event_time(&self) -> Option<Timestamp> {
+        self.frontier_event_time
+    }
+
+    /// Entries read and not yet behind the frontier.
+    pub fn outstanding(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    fn pos(n: i32) -> Position {
+        Position {
+            token: Bson::Document(doc! {"_data": n}),
+            cluster_time: Some(Timestamp {
+                time: n as u32,
+                increment: 1,
+            }),
+        }
+    }
+
+    fn token_of(t: &AckTracker) -> Option<Bson> {
+        t.frontier().map(|p| p.token.clone())
+    }
+
+    #[test]
+    fn frontier_waits_for_the_oldest_unacked() {
+        let mut t = AckTracker::new();
+        let a = t.push_event(pos(1));
+        let b = t.push_event(pos(2));
+        let c = t.push_event(pos(3));
+        t.ack(c);
+        t.ack(b);
+        assert_eq!(token_of(&t), None, "frontier moved past unacked event 1");
+        t.ack(a);
+        assert_eq!(token_of(&t), Some(pos(3).token));
+        assert_eq!(t.outstanding(), 0);
+    }
+
+    #[test]
+    fn idle_marker_moves_only_after_earlier_events() {
+        let mut t = AckTracker::new();
+        t.push_idle(Bson::String("idle0".into()));
+        assert_eq!(token_of(&t), Some(Bson::String("idle0".into())));
+        let a = t.push_event(pos(1));
+        t.push_idle(Bson::String("idle1".into()));
+        t.push_idle(Bson::String("idle2".into()));
+        assert_eq!(t.outstanding(), 2, "consecutive markers coalesce");
+        assert_eq!(token_of(&t), Some(Bson::String("idle0".into())));
+        t.ack(a);
+        assert_eq!(token_of(&t), Some(Bson::String("idle2".into())));
+        assert_eq!(t.frontier_event_time(), pos(1).cluster_time);
+    }
+
+    #[test]
+    fn stale_and_unknown_acks_are_ignored() {
+        let mut t = AckTracker::new();
+        let a = t.push_event(pos(1));
+        t.ack(a);
+        t.ack(a);
+        t.ack(99);
+        assert_eq!(token_of(&t), Some(pos(1).token));
+    }
+}

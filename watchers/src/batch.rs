@@ -1,0 +1,260 @@
+//! The per-key scheduler: which pending records go into the next PutRecords call.
+//!
+//! Kinesis does not promise order inside one PutRecords call, and a call can accept record
+//! i+1 while rejecting record i. So a call never holds two unacknowledged records of one
+//! partition key: the scheduler hands out, in read order, the first pending record of each key
+//! that has nothing in flight, and the next record of that key only after the earlier one is
+//! acknowledged. A failed record goes back to the head of its key's queue and is sent again
+//! before anything after it. Calls that are in flight at the same time never share a key.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// AWS limits of one PutRecords call.
+pub const MAX_BATCH_RECORDS: usize = 500;
+pub const MAX_BATCH_BYTES: usize = 5 * 1024 * 1024;
+
+/// One record waiting for Kinesis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRecord {
+    /// Position in read order; also the record's entry in the ack tracker.
+    pub seq: u64,
+    pub partition_key: String,
+    pub data: Vec<u8>,
+    /// Failed attempts so far.
+    pub attempts: u32,
+}
+
+impl PendingRecord {
+    /// Bytes this record counts against the call and record limits.
+    pub fn size(&self) -> usize {
+        self.data.len() + self.partition_key.len()
+    }
+}
+
+#[derive(Debug, Default)]
+struct KeyQueue {
+    queue: VecDeque<PendingRecord>,
+    in_flight: bool,
+}
+
+/// Records read but not yet acknowledged, grouped by partition key.
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    keys: HashMap<String, KeyQueue>,
+    /// Head records whose key has nothing in flight, by read order.
+    ready: BTreeMap<u64, String>,
+    ready_bytes: usize,
+    queued: usize,
+    queued_bytes: usize,
+    in_flight: usize,
+}
+
+impl Scheduler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records held (queued or in flight).
+    pub fn len(&self) -> usize {
+        self.queued + self.in_flight
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of records waiting to be sent (not counting in-flight ones).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Records that could go into a call right now.
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Whether the ready records fill a whole call.
+    pub fn ready_fills_batch(&self, max_records: usize, max_bytes: usize) -> bool {
+        self.ready.len() >= max_records || self.ready_bytes >= max_bytes
+    }
+
+    /// Adds a newly read record behind every earlier record of its key.
+    pub fn push(&mut self, record: PendingRecord) {
+        self.queued += 1;
+        self.queued_bytes += record.size();
+        let entry = self.keys.entry(record.partition_key.clone()).or_default();
+        if entry.queue.is_empty() && !entry.in_flight {
+            self.ready_bytes += record.size();
+            self.ready.insert(record.seq, record.partition_key.clone());
+        }
+        entry.queue.push_back(record);
+    }
+
+    /// Takes, in read order, the first pending record of each idle key, up to the limits.
+    /// Their keys are in flight until [`Self::ack`] or [`Self::retry`] returns them.
+    pub fn next_batch(&mut self, max_records: usize, max_bytes: usize) -> Vec<PendingRecord> {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while batch.len() < max_records {
+            let Some((&seq, key)) = self.ready.iter().next() else {
+                break;
+            };
+            let Some(state) = self.keys.get_mut(key) else {
+                break;
+            };
+            let Some(size) = state.queue.front().map(PendingRecord::size) else {
+                break;
+            };
+            if !batch.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            self.ready.remove(&seq);
+            let Some(record) = state.queue.pop_front() else {
+                break;
+            };
+            state.in_flight = true;
+            bytes += size;
+            self.ready_bytes -= size;
+            self.queued -= 1;
+            self.queued_bytes -= size;
+            self.in_flight += 1;
+            batch.push(record);
+        }
+        batch
+    }
+
+    /// Kinesis accepted `record`: its key's next record becomes ready.
+    pub fn ack(&mut self, record: &PendingRecord) {
+        self.release(&record.partition_key);
+    }
+
+    /// Kinesis rejected `record`: it goes back to the head of its key's queue.
+    pub fn retry(&mut self, mut record: PendingRecord) {
+        record.attempts += 1;
+        let key = record.partition_key.clone();
+        let size = record.size();
+        let state = self.keys.entry(key.clone()).or_default();
+        state.queue.push_front(record);
+        self.queued += 1;
+        self.queued_bytes += size;
+        self.release(&key);
+    }
+
+    fn release(&mut self, key: &str) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        state.in_flight = false;
+        match state.queue.front() {
+            Some(head) => {
+                self.ready_bytes += head.size();
+                self.ready.insert(head.seq, key.to_owned());
+            }
+            None => {
+                self.keys.remove(key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(seq: u64, key: &str) -> PendingRecord {
+        PendingRecord {
+            seq,
+            partition_key: key.to_owned(),
+            data: vec![b'x'; 10],
+            attempts: 0,
+        }
+    }
+
+    fn seqs(batch: &[PendingRecord]) -> Vec<u64> {
+        batch.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn one_record_per_key_per_call_in_read_order() {
+        let mut s = Scheduler::new();
+        for (seq, key) in [(1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "b")] {
+            s.push(rec(seq, key));
+        }
+        let first = s.next_batch(500, MAX_BATCH_BYTES);
+        assert_eq!(seqs(&first), vec![1, 2, 4]);
+        // Nothing else is ready while a, b and c are in flight.
+        assert!(s.next_batch(500, MAX_BATCH_BYTES).is_empty());
+        for r in &first {
+            s.ack(r);
+        }
+        assert_eq!(seqs(&s.next_batch(500, MAX_BATCH_BYTES)), vec![3, 5]);
+    }
+
+    #[test]
+    fn failed_record_is_resent_before_later_records_of_its_key() {
+        let mut s = Scheduler::new();
+        s.push(rec(1, "a"));
+        s.push(rec(2, "a"));
+        s.push(rec(3, "b"));
+        let batch = s.next_batch(500, MAX_BATCH_BYTES);
+        assert_eq!(seqs(&batch), vec![1, 3]);
+        let mut it = batch.into_iter();
+        let a1 = it.next().unwrap();
+        let b3 = it.next().unwrap();
+        s.ack(&b3);
+        s.retry(a1);
+        let again = s.next_batch(500, MAX_BATCH_BYTES);
+        assert_eq!(seqs(&again), vec![1]);
+        assert_eq!(again[0].attempts, 1);
+        s.ack(&again[0]);
+        assert_eq!(seqs(&s.next_batch(500, MAX_BATCH_BYTES)), vec![2]);
+    }
+
+    #[test]
+    fn limits_cut_the_batch() {
+        let mut s = Scheduler::new();
+        for seq in 0..10 {
+            s.push(rec(seq, &format!("k{seq}")));
+        }
+        assert_eq!(s.next_batch(4, MAX_BATCH_BYTES).len(), 4);
+        // each record is 10 + 2 bytes
+        assert_eq!(s.next_batch(500, 30).len(), 2);
+        assert!(s.ready_fills_batch(4, usize::MAX));
+        assert_eq!(s.len(), 10);
+        assert_eq!(s.ready_len(), 4);
+    }
+
+    #[test]
+    fn an_oversized_first_record_still_goes_alone() {
+        let mut s = Scheduler::new();
+        s.push(rec(1, "a"));
+        s.push(rec(2, "b"));
+        assert_eq!(seqs(&s.next_batch(500, 5)), vec![1]);
+    }
+
+    #[test]
+    fn accounting_returns_to_zero() {
+        let mut s = Scheduler::new();
+        for seq in 0..100 {
+            s.push(rec(seq, ["a", "b", "c"][seq as usize % 3]));
+        }
+        while !s.is_empty() {
+            let batch = s.next_batch(2, MAX_BATCH_BYTES);
+            assert!(!batch.is_empty());
+            let keys: std::collections::HashSet<_> =
+                batch.iter().map(|r| r.partition_key.clone()).collect();
+            assert_eq!(keys.len(), batch.len(), "a key twice in one call");
+            for (i, r) in batch.into_iter().enumerate() {
+                if i == 0 && r.attempts == 0 {
+                    s.retry(r);
+                } else {
+                    s.ack(&r);
+                }
+            }
+        }
+        assert_eq!(s.queued_bytes(), 0);
+        assert_eq!(s.ready_len(), 0);
+        assert!(s.keys.is_empty());
+    }
+}

@@ -1,0 +1,23 @@
+//! One mongo-watcher pipeline: a MongoDB change stream into a Kinesis stream, with the resume
+//! token checkpointed in DynamoDB only once Kinesis has acknowledged everything before it.
+//!
+//! Roles, one module each: [`reader`] (change stream), [`record`] (event to record),
+//! [`batch`] (per-key scheduling), [`kinesis`] (one PutRecords call), [`ack`] (the frontier),
+//! [`checkpoint`] (DynamoDB), [`pipeline`] (the loop), [`status`] (what it is doing).
+
+pub mod ack;
+pub mod batch;
+pub mod checkpoint;
+pub mod error;
+pub mod kinesis;
+pub mod pipeline;
+pub mod reader;
+pub mod record;
+pub mod retry;
+pub mod spec;
+pub mod status;
+
+pub use error::WatcherError;
+pub use pipeline::Deps;
+pub use spec::WatcherSpec;
+pub use status::{State, Status, StatusTx};

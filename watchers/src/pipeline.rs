@@ -1,0 +1,522 @@
+//! One life of a watcher: load the checkpoint, open the stream, move events to Kinesis,
+//! checkpoint the ack frontier, and stop at a safe point. The supervisor calls [`run`] again
+//! after a retryable error; everything a life needs is rebuilt from the checkpoint.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bson::{Bson, Document};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::Future;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::ack::{AckTracker, Position};
+use crate::batch::{PendingRecord, Scheduler};
+use crate::checkpoint::{Checkpoint, CheckpointStore};
+use crate::error::WatcherError;
+use crate::kinesis::{CallError, KinesisSink, RecordResult};
+use crate::reader::{self, ReaderMsg, StartPosition};
+use crate::record::{self, MAX_RECORD_BYTES};
+use crate::retry::Backoff;
+use crate::spec::{OnOversized, StartAt, WatcherSpec};
+use crate::status::{State, StatusTx};
+
+/// How long a stopping watcher keeps sending what it has read before it gives up (the rest is
+/// read again after a restart: nothing past the frontier was checkpointed).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest a checkpoint write may take before it is abandoned and tried at the next tick.
+const CHECKPOINT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read-ahead between the reader task and the pipeline.
+const READER_CHANNEL: usize = 1024;
+
+/// The clients one watcher uses; cheap to clone, shared by all watchers.
+#[derive(Clone)]
+pub struct Deps {
+    pub mongo: mongodb::Client,
+    pub kinesis: aws_sdk_kinesis::Client,
+    pub checkpoints: Option<CheckpointStore>,
+}
+
+/// Runs the watcher until `cancel` fires (Ok) or it fails (Err, with its state).
+pub async fn run(
+    spec: Arc<WatcherSpec>,
+    deps: Deps,
+    status: StatusTx,
+    cancel: CancellationToken,
+) -> Result<(), WatcherError> {
+    status.set(State::Starting, None);
+    let mut cp = CheckpointState::default();
+    let stored = match &deps.checkpoints {
+        Some(store) => {
+            store.verify_table().await?;
+            store.load(&spec.name).await?
+        }
+        None => None,
+    };
+    let start = match &stored {
+        Some(s) => {
+            cp.revision = Some(s.revision);
+            cp.paused = s.checkpoint.paused;
+            match (&s.checkpoint.token, s.checkpoint.cluster_time) {
+                (Some(token), _) => StartPosition::After(token.clone()),
+                (None, Some(ts)) => StartPosition::At(ts),
+                (None, None) => StartPosition::Latest,
+            }
+        }
+        None => match &spec.start_at {
+            StartAt::Latest => StartPosition::Latest,
+            StartAt::Timestamp(dt) => StartPosition::At(bson::Timestamp {
+                time: (dt.timestamp_millis().max(0) / 1000) as u32,
+                increment: 0,
+            }),
+            StartAt::ResumeToken(t) => StartPosition::After(t.clone()),
+        },
+    };
+    info!(start = ?start_label(&start), from_checkpoint = stored.is_some(), "opening change stream");
+    let stream = reader::open(&deps.mongo, &spec, &start).await?;
+
+    let mut tracker = AckTracker::new();
+    if stored.is_none() {
+        // Resolve the start once and store it before reading anything, so that a crash before
+        // the first acknowledged batch restarts here rather than at a later `latest`.
+        let initial = match (&start, reader::current_token(&stream)) {
+            (_, Some(token)) => Some(Position {
+                token,
+                cluster_time: None,
+            }),
+            (StartPosition::After(token), None) => Some(Position {
+                token: token.clone(),
+                cluster_time: None,
+            }),
+            _ => None,
+        };
+        match (&initial, &start) {
+            (Some(p), _) => tracker.push_idle(p.token.clone()),
+            (None, StartPosition::At(ts)) => cp.initial_time = Some(*ts),
+            (None, _) => cp.initial_time = operation_time(&deps.mongo).await,
+        }
+        if let Some(store) = &deps.checkpoints {
+            cp.write(store, &spec.name, &tracker, true).await?;
+        }
+    }
+
+    let (tx, rx) = mpsc::channel(READER_CHANNEL);
+    let reader_cancel = cancel.child_token();
+    let reader_task = tokio::spawn(reader::run(stream, tx, reader_cancel.clone()));
+    status.set(State::Running, None);
+
+    let mut pipeline = Pipeline {
+        spec: spec.clone(),
+        sink: KinesisSink::new(deps.kinesis.clone(), spec.stream.clone()),
+        status,
+        tracker,
+        scheduler: Scheduler::new(),
+        inflight: FuturesUnordered::new(),
+        backoff: Backoff::new(
+            spec.batch.retry_initial_backoff,
+            spec.batch.retry_max_backoff,
+        ),
+        retry_at: None,
+        linger_deadline: None,
+        reader_idle: false,
+        stop: None,
+        fatal: false,
+    };
+    let result = pipeline
+        .run_loop(rx, &cancel, &deps.checkpoints, &mut cp)
+        .await;
+    reader_cancel.cancel();
+    let _ = reader_task.await;
+    // Final checkpoint: whatever is acknowledged, never more.
+    if let Some(store) = &deps.checkpoints {
+        if let Err(e) = cp.write(store, &spec.name, &pipeline.tracker, false).await {
+            error!(error = %e, "final checkpoint write failed");
+            if result.is_ok() {
+                return Err(e);
+            }
+        }
+    }
+    result
+}
+
+fn start_label(start: &StartPosition) -> String {
+    match start {
+        StartPosition::Latest => "latest".into(),
+        StartPosition::After(_) => "resume_token".into(),
+        StartPosition::At(ts) => format!("cluster_time {}.{}", ts.time, ts.increment),
+    }
+}
+
+/// Current cluster time, for a start at `latest` on a server that sent no initial token.
+async fn operation_time(client: &mongodb::Client) -> Option<bson::Timestamp> {
+    let mut session = client.start_session().await.ok()?;
+    client
+        .database("admin")
+        .run_command(bson::doc! {"ping": 1})
+        .session(&mut session)
+        .await
+        .ok()?;
+    session.operation_time()
+}
+
+#[derive(Debug, Default)]
+struct CheckpointState {
+    revision: Option<u64>,
+    paused: bool,
+    last_written: Option<Position>,
+    /// A start position known only by time (no token yet).
+    initial_time: Option<bson::Timestamp>,
+}
+
+impl CheckpointState {
+    /// Writes the frontier if it moved (or `force`); keeps the revision for the next write.
+    async fn write(
+        &mut self,
+        store: &CheckpointStore,
+        watcher: &str,
+        tracker: &AckTracker,
+        force: bool,
+    ) -> Result<(), WatcherError> {
+        let frontier = tracker.frontier();
+        if !force && frontier == self.last_written.as_ref() {
+            return Ok(());
+        }
+        let checkpoint = match frontier {
+            Some(p) => Checkpoint {
+                token: Some(p.token.clone()),
+                cluster_time: p.cluster_time.or(tracker.frontier_event_time()),
+                paused: self.paused,
+            },
+            None => match self.initial_time {
+                Some(ts) => Checkpoint {
+                    token: None,
+                    cluster_time: Some(ts),
+                    paused: self.paused,
+                },
+                // Nothing known yet; there is nothing to protect.
+                None => return Ok(()),
+            },
+        };
+        let write = store.save(watcher, self.revision, &checkpoint);
+        let revision = match tokio::time::timeout(CHECKPOINT_WRITE_TIMEOUT, write).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(WatcherError::Checkpoint {
+                    table: store.table().to_owned(),
+                    operation: "PutItem",
+                    message: format!("no answer within {CHECKPOINT_WRITE_TIMEOUT:?}"),
+                })
+            }
+        };
+        debug!(revision, "checkpoint written");
+        self.revision = Some(revision);
+        self.last_written = frontier.cloned();
+        Ok(())
+    }
+}
+
+type PutFuture = Pin<
+    Box<dyn Future<Output = (Vec<PendingRecord>, Result<Vec<RecordResult>, CallError>)> + Send>,
+>;
+
+struct Pipeline {
+    spec: Arc<WatcherSpec>,
+    sink: KinesisSink,
+    status: StatusTx,
+    tracker: AckTracker,
+    scheduler: Scheduler,
+    inflight: FuturesUnordered<PutFuture>,
+    backoff: Backoff,
+    /// No call is sent before this instant after a failure.
+    retry_at: Option<Instant>,
+    /// When the oldest ready record stops waiting for company.
+    linger_deadline: Option<Instant>,
+    /// The last read came back empty: send what is ready without lingering.
+    reader_idle: bool,
+    /// Set once the watcher is stopping: `Ok` for a requested stop, `Err` for a failure.
+    stop: Option<Result<(), WatcherError>>,
+    /// Stop sending (retries are exhausted); only wait for calls in flight.
+    fatal: bool,
+}
+
+impl Pipeline {
+    async fn run_loop(
+        &mut self,
+        mut rx: mpsc::Receiver<Result<ReaderMsg, WatcherError>>,
+        cancel: &CancellationToken,
+        store: &Option<CheckpointStore>,
+        cp: &mut CheckpointState,
+    ) -> Result<(), WatcherError> {
+        let mut tick = tokio::time::interval(self.spec.checkpoint_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut drain_deadline: Option<Instant> = None;
+        let mut checkpoint_failures: u32 = 0;
+        loop {
+            self.dispatch();
+            if self.stop.is_some() {
+                let deadline =
+                    *drain_deadline.get_or_insert_with(|| Instant::now() + DRAIN_TIMEOUT);
+                let drained = self.scheduler.is_empty() || self.fatal;
+                if self.inflight.is_empty() && (drained || Instant::now() >= deadline) {
+                    if !drained {
+                        warn!(
+                            unsent = self.scheduler.len(),
+                            "drain deadline passed; unsent records will be read again after restart"
+                        );
+                    }
+                    break;
+                }
+            }
+            let can_read =
+                self.stop.is_none() && self.scheduler.len() < self.spec.batch.max_pending;
+            let wake = self.next_wake();
+            tokio::select! {
+                _ = cancel.cancelled(), if self.stop.is_none() => {
+                    info!("stopping: flushing records in flight");
+                    self.stop = Some(Ok(()));
+                }
+                Some((batch, result)) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    self.on_put_result(batch, result);
+                }
+                msg = rx.recv(), if can_read => match msg {
+                    Some(Ok(ReaderMsg::Event(event))) => self.on_event(event),
+                    Some(Ok(ReaderMsg::Idle(token))) => {
+                        self.reader_idle = true;
+                        if let Some(token) = token {
+                            self.tracker.push_idle(token);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "change stream failed; flushing what was read");
+                        self.stop = Some(Err(e));
+                    }
+                    None => {
+                        if self.stop.is_none() {
+                            self.stop = Some(Err(WatcherError::Mongo(
+                                mongodb::error::Error::custom("change stream reader ended"),
+                            )));
+                        }
+                    }
+                },
+                _ = sleep_until_opt(wake), if wake.is_some() => {}
+                _ = sleep_until_opt(drain_deadline), if drain_deadline.is_some() => {}
+                _ = tick.tick() => {
+                    if let Some(store) = store {
+                        match cp.write(store, &self.spec.name, &self.tracker, false).await {
+                            Ok(()) => checkpoint_failures = 0,
+                            Err(e @ WatcherError::CheckpointConflict { .. }) => {
+                                self.fatal = true;
+                                self.stop = Some(Err(e));
+                            }
+                            Err(e) => {
+                                checkpoint_failures += 1;
+                                if checkpoint_failures.is_power_of_two() {
+                                    warn!(error = %e, failures = checkpoint_failures, "checkpoint write failed; will retry");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.stop.take().unwrap_or(Ok(()))
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        if self.scheduler.ready_len() == 0 || self.fatal {
+            return None;
+        }
+        match (self.retry_at, self.linger_deadline) {
+            (Some(r), Some(l)) => Some(r.max(l)),
+            (Some(r), None) => Some(r),
+            (None, l) => l,
+        }
+    }
+
+    fn on_event(&mut self, event: Document) {
+        self.reader_idle = false;
+        let Some(token) = event.get("_id").cloned() else {
+            self.fatal = true;
+            self.stop = Some(Err(WatcherError::MissingResumeToken));
+            return;
+        };
+        let position = Position {
+            token,
+            cluster_time: event.get_timestamp("clusterTime").ok(),
+        };
+        let operation = event
+            .get_str("operationType")
+            .unwrap_or("unknown")
+            .to_owned();
+        let seq = self.tracker.push_event(position);
+        if operation == "invalidate" {
+            // Not data: everything before it is flushed, and the checkpoint may move past it
+            // so that a restart with `startAfter` continues on the new collection.
+            self.tracker.ack(seq);
+            warn!("change stream invalidated");
+            self.stop = Some(Err(WatcherError::Invalidated));
+            return;
+        }
+        let partition_key = record::partition_key(&event, &self.spec.partition_key);
+        let data = record::encode(&event, self.spec.record_format);
+        let size = data.len() + partition_key.len();
+        if size > MAX_RECORD_BYTES {
+            let document_key = event
+                .get("documentKey")
+                .map(|k| k.clone().into_relaxed_extjson().to_string())
+                .unwrap_or_else(|| "(none)".into());
+            match self.spec.on_oversized {
+                OnOversized::Skip => {
+                    warn!(%document_key, size, operation, "record over 1 MiB skipped (on_oversized: skip)");
+                    self.tracker.ack(seq);
+                }
+                OnOversized::Fail => {
+                    error!(%document_key, size, operation, "record over 1 MiB; watcher stops (on_oversized: fail)");
+                    self.stop = Some(Err(WatcherError::Oversized {
+                        document_key,
+                        size,
+                        limit: MAX_RECORD_BYTES,
+                    }));
+                }
+            }
+            return;
+        }
+        self.scheduler.push(PendingRecord {
+            seq,
+            partition_key,
+            data,
+            attempts: 0,
+        });
+        if self.linger_deadline.is_none() {
+            self.linger_deadline = Some(Instant::now() + self.spec.batch.linger);
+        }
+    }
+
+    /// Starts as many calls as the limits, the backoff and the linger allow.
+    fn dispatch(&mut self) {
+        if self.fatal {
+            return;
+        }
+        let batch_cfg = &self.spec.batch;
+        let now = Instant::now();
+        while self.inflight.len() < batch_cfg.max_in_flight && self.scheduler.ready_len() > 0 {
+            if self.retry_at.is_some_and(|t| now < t) {
+                break;
+            }
+            let flush = self
+                .scheduler
+                .ready_fills_batch(batch_cfg.max_records, batch_cfg.max_bytes)
+                || self.reader_idle
+                || self.stop.is_some()
+                || self.linger_deadline.is_some_and(|d| now >= d);
+            if !flush {
+                break;
+            }
+            let batch = self
+                .scheduler
+                .next_batch(batch_cfg.max_records, batch_cfg.max_bytes);
+            if batch.is_empty() {
+                break;
+            }
+            let sink = self.sink.clone();
+            self.inflight.push(Box::pin(async move {
+                let result = sink.put(&batch).await;
+                (batch, result)
+            }));
+        }
+        self.linger_deadline = match self.scheduler.ready_len() {
+            0 => None,
+            _ => Some(self.linger_deadline.unwrap_or(now + batch_cfg.linger)),
+        };
+    }
+
+    fn on_put_result(
+        &mut self,
+        batch: Vec<PendingRecord>,
+        result: Result<Vec<RecordResult>, CallError>,
+    ) {
+        let mut failures = 0usize;
+        let mut last_error = String::new();
+        match result {
+            Ok(results) => {
+                for (record, outcome) in batch.into_iter().zip(results) {
+                    match outcome {
+                        RecordResult::Accepted => {
+                            self.scheduler.ack(&record);
+                            self.tracker.ack(record.seq);
+                        }
+                        RecordResult::Rejected {
+                            error_code,
+                            message,
+                        } => {
+                            failures += 1;
+                            last_error = format!("{error_code}: {message}");
+                            self.retry(record, &last_error);
+                        }
+                    }
+                }
+            }
+            Err(call_error) => {
+                failures = batch.len();
+                last_error = call_error.to_string();
+                for record in batch {
+                    self.retry(record, &last_error);
+                }
+            }
+        }
+        if failures == 0 {
+            self.backoff.reset();
+            self.retry_at = None;
+            if self.stop.is_none() && self.status.get().state == State::BackingOff {
+                self.status.set(State::Running, None);
+            }
+            return;
+        }
+        let delay = self.backoff.next_delay();
+        self.retry_at = Some(Instant::now() + delay);
+        let attempts = self.backoff.attempts();
+        if attempts.is_power_of_two() {
+            warn!(failures, attempts, retry_in = ?delay, error = %last_error, "kinesis put failed; retrying");
+        }
+        if self.stop.is_none() && attempts >= 3 {
+            self.status.set(
+                State::BackingOff,
+                Some(format!(
+                    "kinesis stream `{}`: {last_error}",
+                    self.sink.stream()
+                )),
+            );
+        }
+    }
+
+    fn retry(&mut self, record: PendingRecord, last_error: &str) {
+        let attempts = record.attempts + 1;
+        self.scheduler.retry(record);
+        if let Some(max) = self.spec.batch.max_put_retries {
+            if attempts > max && !self.fatal {
+                self.fatal = true;
+                self.stop = Some(Err(WatcherError::PutRetriesExhausted {
+                    stream: self.sink.stream().to_owned(),
+                    attempts,
+                    last_error: last_error.to_owned(),
+                }));
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The resume token of an event, for callers outside the pipeline.
+pub fn event_token(event: &Document) -> Option<&Bson> {
+    event.get("_id")
+}

@@ -1,0 +1,173 @@
+//! The change stream: opening it at a start position, and a task that reads it into a bounded
+//! channel so the pipeline can batch, retry and checkpoint without ever holding a getMore.
+
+use std::time::{Duration, Instant};
+
+use bson::{Bson, Document, Timestamp};
+use mongodb::change_stream::event::ResumeToken;
+use mongodb::change_stream::ChangeStream;
+use mongodb::options::FullDocumentType;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{is_history_lost, WatcherError};
+use crate::spec::{FullDocument, WatcherSpec};
+
+/// Where to open a stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartPosition {
+    /// Now (a first start at `latest`).
+    Latest,
+    /// After this opaque resume token (opened with `startAfter`, which also accepts the token
+    /// of an invalidate event).
+    After(Bson),
+    /// At this cluster time, inclusive (`startAtOperationTime`).
+    At(Timestamp),
+}
+
+/// What the reader task hands the pipeline.
+#[derive(Debug)]
+pub enum ReaderMsg {
+    Event(Document),
+    /// A read came back empty; the stream's resume token at that point, if any.
+    Idle(Option<Bson>),
+}
+
+/// How long one empty read (getMore) may wait on the server for new events.
+pub const MAX_AWAIT: Duration = Duration::from_millis(500);
+
+pub async fn open(
+    client: &mongodb::Client,
+    spec: &WatcherSpec,
+    start: &StartPosition,
+) -> Result<ChangeStream<Document>, WatcherError> {
+    let coll = client
+        .database(&spec.database)
+        .collection::<Document>(&spec.collection);
+    let full_document = match spec.full_document {
+        FullDocument::Off => None,
+        FullDocument::UpdateLookup => Some(FullDocumentType::UpdateLookup),
+        FullDocument::WhenAvailable => Some(FullDocumentType::WhenAvailable),
+        FullDocument::Required => Some(FullDocumentType::Required),
+    };
+    let mut watch = coll
+        .watch()
+        .pipeline(spec.pipeline.clone())
+        .max_await_time(MAX_AWAIT);
+    if let Some(full_document) = full_document {
+        watch = watch.full_document(full_document);
+    }
+    match start {
+        StartPosition::Latest => {}
+        StartPosition::After(token) => watch = watch.start_after(to_resume_token(token)?),
+        StartPosition::At(ts) => watch = watch.start_at_operation_time(*ts),
+    }
+    let stream = watch.await.map_err(classify)?;
+    Ok(stream.with_type::<Document>())
+}
+
+/// The stream's current resume token as plain BSON.
+pub fn current_token(stream: &ChangeStream<Document>) -> Option<Bson> {
+    stream
+        .resume_token()
+        .and_then(|t| from_resume_token(&t).ok())
+}
+
+/// Reads until cancelled or the stream fails; an invalidate event is the last one sent.
+pub async fn run(
+    mut stream: ChangeStream<Document>,
+    tx: mpsc::Sender<Result<ReaderMsg, WatcherError>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let started = Instant::now();
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return,
+            next = stream.next_if_any() => next,
+        };
+        let msg = match next {
+            Ok(Some(event)) => {
+                let last = event.get_str("operationType").ok() == Some("invalidate");
+                if !send(&tx, &cancel, Ok(ReaderMsg::Event(event))).await || last {
+                    return;
+                }
+                continue;
+            }
+            Ok(None) => Ok(ReaderMsg::Idle(current_token(&stream))),
+            Err(e) => Err(classify(e)),
+        };
+        let failed = msg.is_err();
+        if !send(&tx, &cancel, msg).await || failed {
+            return;
+        }
+        // A server that answers empty reads at once would make this loop spin.
+        let elapsed = started.elapsed();
+        if elapsed < Duration::from_millis(20) {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+}
+
+async fn send(
+    tx: &mpsc::Sender<Result<ReaderMsg, WatcherError>>,
+    cancel: &CancellationToken,
+    msg: Result<ReaderMsg, WatcherError>,
+) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        sent = tx.send(msg) => sent.is_ok(),
+    }
+}
+
+fn classify(error: mongodb::error::Error) -> WatcherError {
+    if is_history_lost(&error) {
+        WatcherError::HistoryLost {
+            message: error.to_string(),
+        }
+    } else {
+        WatcherError::Mongo(error)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct TokenBox<T> {
+    t: T,
+}
+
+/// `ResumeToken` wraps raw BSON; a round trip through bytes converts it without relying on
+/// how its serde impl meets a non-raw (de)serializer.
+pub fn to_resume_token(token: &Bson) -> Result<ResumeToken, WatcherError> {
+    let bytes = bson::serialize_to_vec(&TokenBox { t: token }).map_err(bad_token)?;
+    let boxed: TokenBox<ResumeToken> = bson::deserialize_from_slice(&bytes).map_err(bad_token)?;
+    Ok(boxed.t)
+}
+
+pub fn from_resume_token(token: &ResumeToken) -> Result<Bson, WatcherError> {
+    let bytes = bson::serialize_to_vec(&TokenBox { t: token }).map_err(bad_token)?;
+    let boxed: TokenBox<Bson> = bson::deserialize_from_slice(&bytes).map_err(bad_token)?;
+    Ok(boxed.t)
+}
+
+fn bad_token(e: bson::error::Error) -> WatcherError {
+    WatcherError::CorruptCheckpoint {
+        watcher: String::new(),
+        message: format!("resume token does not convert: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bson::doc;
+
+    #[test]
+    fn tokens_convert_both_ways() {
+        let token = Bson::Document(doc! {"_data": "826A0B", "x": 1_i64});
+        let rt = to_resume_token(&token).unwrap();
+        assert_eq!(from_resume_token(&rt).unwrap(), token);
+    }
+}

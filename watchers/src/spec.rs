@@ -1,0 +1,104 @@
+//! The validated settings of one watcher. The binary builds these from its config file; the
+//! pipeline only ever sees typed, checked values.
+
+use std::time::Duration;
+
+use bson::{Bson, DateTime, Document};
+
+use crate::record::{FieldPath, RecordFormat};
+
+/// Where a watcher starts when it has no checkpoint. A stored checkpoint always wins.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartAt {
+    /// Only changes after the watcher first starts; resolved once and stored at once.
+    Latest,
+    /// Changes from this wall-clock time on (`startAtOperationTime`).
+    Timestamp(DateTime),
+    /// Changes after this resume token.
+    ResumeToken(Bson),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FullDocument {
+    Off,
+    #[default]
+    UpdateLookup,
+    WhenAvailable,
+    Required,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnHistoryLost {
+    #[default]
+    Fail,
+    RestartFromLatest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnInvalidate {
+    #[default]
+    Stop,
+    Continue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnOversized {
+    #[default]
+    Fail,
+    Skip,
+}
+
+/// Everything one watcher needs to know about its job.
+#[derive(Debug, Clone)]
+pub struct WatcherSpec {
+    /// `[a-z0-9_-]+`, unique; the checkpoint key.
+    pub name: String,
+    pub database: String,
+    pub collection: String,
+    pub stream: String,
+    pub partition_key: FieldPath,
+    pub full_document: FullDocument,
+    pub pipeline: Vec<Document>,
+    pub start_at: StartAt,
+    pub on_history_lost: OnHistoryLost,
+    pub on_invalidate: OnInvalidate,
+    pub on_oversized: OnOversized,
+    pub record_format: RecordFormat,
+    pub batch: BatchSettings,
+    pub checkpoint_interval: Duration,
+}
+
+/// How records are grouped into PutRecords calls and retried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchSettings {
+    /// Records per call, at most 500.
+    pub max_records: usize,
+    /// Bytes per call, at most 5 MiB.
+    pub max_bytes: usize,
+    /// How long a ready record may wait for more to fill its call.
+    pub linger: Duration,
+    /// PutRecords calls in flight at once (they never share a partition key).
+    pub max_in_flight: usize,
+    /// Records read but not yet acknowledged before reading pauses.
+    pub max_pending: usize,
+    /// Failed attempts of one record before the watcher fails; `None` retries forever.
+    pub max_put_retries: Option<u32>,
+    /// First retry delay; doubles up to `retry_max_backoff`, with jitter.
+    pub retry_initial_backoff: Duration,
+    pub retry_max_backoff: Duration,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_records: crate::batch::MAX_BATCH_RECORDS,
+            max_bytes: crate::batch::MAX_BATCH_BYTES,
+            linger: Duration::from_millis(50),
+            max_in_flight: 4,
+            max_pending: 10_000,
+            max_put_retries: None,
+            retry_initial_backoff: Duration::from_millis(100),
+            retry_max_backoff: Duration::from_secs(10),
+        }
+    }
+}
