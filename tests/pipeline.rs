@@ -1,0 +1,318 @@
+//! End-to-end guarantees of the core pipeline, against SecantusDB, moto and the Kinesis
+//! fault-injection proxy. Each test fails if the guarantee it names breaks.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use bson::{doc, Document};
+use serde_json::json;
+use support::*;
+
+struct Env {
+    mongo: Mongo,
+    moto: Moto,
+    proxy: Proxy,
+    aws: Aws,
+    dir: tempfile::TempDir,
+}
+
+async fn env() -> Env {
+    let mongo = Mongo::start();
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto);
+    let aws = Aws::new(&moto).await;
+    Env {
+        mongo,
+        moto,
+        proxy,
+        aws,
+        dir: tempfile::tempdir().expect("tempdir"),
+    }
+}
+
+fn ids_of(records: &[Record]) -> Vec<i64> {
+    records.iter().filter_map(Record::id).collect()
+}
+
+fn has_all(records: &[Record], ids: &[i64]) -> bool {
+    let got: HashSet<i64> = ids_of(records).into_iter().collect();
+    ids.iter().all(|i| got.contains(i))
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_deliver_every_operation_to_their_own_streams() {
+    let e = env().await;
+    let table = unique("cps");
+    e.aws.create_checkpoint_table(&table).await;
+    let (s1, s2) = (unique("orders"), unique("users"));
+    e.aws.create_stream(&s1, 2).await;
+    e.aws.create_stream(&s2, 1).await;
+    let cfg = config_yaml(
+        &e.mongo,
+        Some(&table),
+        &[
+            watcher_yaml("orders", "shop", "orders", &s1, ""),
+            watcher_yaml("users", "shop", "users", &s2, "    partition_key: fullDocument.email\n"),
+        ],
+    );
+    let _w = Watcher::start(e.dir.path(), &cfg, &e.moto.endpoint());
+    for name in ["orders", "users"] {
+        e.aws.wait_for_checkpoint(&table, name, WAIT, |_| true).await;
+    }
+    let client = e.mongo.client().await;
+    let orders = client.database("shop").collection::<Document>("orders");
+    let users = client.database("shop").collection::<Document>("users");
+    let oid = bson::oid::ObjectId::new();
+    orders.insert_one(doc! {"_id": oid, "total": 10, "at": bson::DateTime::from_millis(1_700_000_000_123)}).await.unwrap();
+    orders.update_one(doc! {"_id": oid}, doc! {"$set": {"total": 12}}).await.unwrap();
+    orders.replace_one(doc! {"_id": oid}, doc! {"total": 13, "note": "é"}).await.unwrap();
+    orders.delete_one(doc! {"_id": oid}).await.unwrap();
+    users.insert_one(doc! {"_id": 1, "email": "a@example.com"}).await.unwrap();
+    users.insert_one(doc! {"_id": 2, "email": "b@example.com"}).await.unwrap();
+
+    let recs = e.aws.wait_for_records(&s1, WAIT, |r| r.len() >= 4).await;
+    let ops: Vec<&str> = recs.iter().map(Record::operation).collect();
+    assert_eq!(ops, ["insert", "update", "replace", "delete"]);
+    for r in &recs {
+        assert_eq!(r.partition_key, oid.to_hex(), "ObjectId keys are their hex");
+        assert_eq!(r.json["documentKey"]["_id"]["$oid"], oid.to_hex());
+        assert_eq!(r.json["ns"], json!({"db": "shop", "coll": "orders"}));
+    }
+    assert_eq!(recs[0].json["fullDocument"]["at"], json!({"$date": "2023-11-14T22:13:20.123Z"}));
+    assert_eq!(recs[1].json["updateDescription"]["updatedFields"], json!({"total": 12}));
+    // updateLookup is the default: update events carry `fullDocument` (looked up when read,
+    // so it may already be null after the delete).
+    assert!(recs[1].json.get("fullDocument").is_some(), "no fullDocument on update");
+    assert_eq!(recs[2].json["fullDocument"]["note"], "é");
+    assert!(
+        String::from_utf8_lossy(&recs[2].raw).contains(r#""note": "\u00e9""#),
+        "python json.dumps layout"
+    );
+
+    let recs = e.aws.wait_for_records(&s2, WAIT, |r| r.len() >= 2).await;
+    let keys: Vec<&str> = recs.iter().map(|r| r.partition_key.as_str()).collect();
+    assert_eq!(keys, ["a@example.com", "b@example.com"]);
+    // Nothing from one collection went to the other's stream.
+    assert!(recs.iter().all(|r| r.json["ns"]["coll"] == "users"));
+    // The checkpoint moves once the records are acknowledged.
+    e.aws
+        .wait_for_checkpoint(&table, "orders", WAIT, |item| revision(item) >= 2)
+        .await;
+}
+
+/// Acks held back by the proxy (records in Kinesis, watcher not told) and records rejected
+/// outright must both keep the checkpoint where it was; after kill -9 nothing is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_never_moves_ahead_of_acks() {
+    let e = env().await;
+    let table = unique("cps");
+    e.aws.create_checkpoint_table(&table).await;
+    let stream = unique("s");
+    e.aws.create_stream(&stream, 2).await;
+    let cfg = config_yaml(&e.mongo, Some(&table), &[watcher_yaml("w", "db", "c", &stream, "")]);
+    let coll = e.mongo.client().await.database("db").collection::<Document>("c");
+    let mut w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
+    e.aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
+    insert_ids(&coll, [0]).await;
+    e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &[0])).await;
+    let acked = e.aws.wait_for_checkpoint(&table, "w", WAIT, |i| revision(i) >= 2).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let acked = e.aws.checkpoint(&table, "w").await.unwrap_or(acked);
+
+    // Phase A: the records land but their acks are held.
+    e.proxy.rules(json!({"hold": true}));
+    let a: Vec<i64> = (1..=10).collect();
+    insert_ids(&coll, a.clone()).await;
+    e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &a)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let now = e.aws.checkpoint(&table, "w").await.expect("checkpoint");
+    assert_eq!(token_text(&now), token_text(&acked), "checkpoint moved while acks were held");
+    w.kill9();
+    e.proxy.reset();
+
+    // Phase B: every record is rejected; the restarted watcher must not pass them either.
+    e.proxy.rules(json!({"fail_record_rate": 1.0}));
+    w.restart();
+    let b: Vec<i64> = (11..=20).collect();
+    insert_ids(&coll, b.clone()).await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let now = e.aws.checkpoint(&table, "w").await.expect("checkpoint");
+    assert_eq!(token_text(&now), token_text(&acked), "checkpoint moved past rejected records");
+    assert!(e.proxy.stats()["records_failed"].as_u64().unwrap_or(0) > 0);
+    w.kill9();
+    e.proxy.reset();
+
+    // Phase C: a healthy restart delivers everything that was never acknowledged.
+    w.restart();
+    let all: Vec<i64> = (0..=20).collect();
+    e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &all)).await;
+    e.aws
+        .wait_for_checkpoint(&table, "w", WAIT, |i| token_text(i) != token_text(&acked))
+        .await;
+}
+
+/// A first start at `latest` stores its position before anything else, so a crash before the
+/// first acknowledged batch re-reads what was written meanwhile instead of skipping it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_first_ack_after_latest_skips_nothing() {
+    let e = env().await;
+    let table = unique("cps");
+    e.aws.create_checkpoint_table(&table).await;
+    let stream = unique("s");
+    e.aws.create_stream(&stream, 1).await;
+    let cfg = config_yaml(&e.mongo, Some(&table), &[watcher_yaml("w", "db", "c", &stream, "")]);
+    let coll = e.mongo.client().await.database("db").collection::<Document>("c");
+    insert_ids(&coll, [-1]).await; // before the first start: not expected
+    e.proxy.rules(json!({"fail_record_rate": 1.0}));
+    let mut w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
+    let first = e.aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
+    let ids: Vec<i64> = (1..=10).collect();
+    insert_ids(&coll, ids.clone()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        token_text(&e.aws.checkpoint(&table, "w").await.unwrap()),
+        token_text(&first)
+    );
+    w.kill9();
+    e.proxy.reset();
+    w.restart();
+    let recs = e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &ids)).await;
+    assert!(!ids_of(&recs).contains(&-1), "a write before the first start was delivered");
+}
+
+/// SIGTERM flushes and writes the final checkpoint: a restart sends nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_restart_delivers_each_event_exactly_once() {
+    let e = env().await;
+    let table = unique("cps");
+    e.aws.create_checkpoint_table(&table).await;
+    let stream = unique("s");
+    e.aws.create_stream(&stream, 2).await;
+    // A long checkpoint interval: only the shutdown checkpoint can prevent duplicates.
+    let cfg = config_yaml(
+        &e.mongo,
+        Some(&table),
+        &[watcher_yaml("w", "db", "c", &stream, "    checkpoint_interval: 1h\n")],
+    );
+    let coll = e.mongo.client().await.database("db").collection::<Document>("c");
+    let mut w = Watcher::start(e.dir.path(), &cfg, &e.moto.endpoint());
+    e.aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
+    let first: Vec<i64> = (0..50).collect();
+    insert_ids(&coll, first.clone()).await;
+    e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &first)).await;
+    let (code, took) = w.terminate();
+    assert_eq!(code, Some(0), "exit code after SIGTERM");
+    assert!(took < Duration::from_secs(20), "shutdown took {took:?}");
+    let second: Vec<i64> = (50..100).collect();
+    insert_ids(&coll, second.clone()).await;
+    w.restart();
+    let all: Vec<i64> = (0..100).collect();
+    e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &all)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let recs = e.aws.read_stream(&stream).await;
+    let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+    for id in ids_of(&recs) {
+        *counts.entry(id).or_default() += 1;
+    }
+    let dups: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dups.is_empty(), "duplicates after SIGTERM restart: {dups:?}");
+    assert_eq!(recs.len(), 100);
+}
+
+/// Under partial failures and lost acks, each key's records reach Kinesis in write order:
+/// duplicates may repeat a record, but a later version never precedes an earlier one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_under_partial_failures() {
+    let e = env().await;
+    let stream = unique("s");
+    e.aws.create_stream(&stream, 2).await;
+    let cfg = config_yaml(
+        &e.mongo,
+        None,
+        &[watcher_yaml("w", "db", "c", &stream, "    full_document: off\n")],
+    );
+    let coll = e.mongo.client().await.database("db").collection::<Document>("c");
+    e.proxy.rules(json!({
+        "fail_record_rate": 0.3, "ack_lost_rate": 0.1, "fail_call_rate": 0.05, "seed": 7
+    }));
+    let _w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    const KEYS: i64 = 20;
+    const VERSIONS: i64 = 25;
+    insert_ids(&coll, 0..KEYS).await;
+    for v in 1..=VERSIONS {
+        for k in 0..KEYS {
+            coll.update_one(doc! {"_id": k}, doc! {"$set": {"v": v}})
+                .await
+                .unwrap();
+        }
+    }
+    let recs = e
+        .aws
+        .wait_for_records(&stream, Duration::from_secs(120), |r| {
+            let mut seen: HashMap<i64, HashSet<i64>> = HashMap::new();
+            for rec in r.iter().filter(|r| r.operation() == "update") {
+                if let (Some(k), Some(v)) = (rec.id(), rec.json["updateDescription"]["updatedFields"]["v"].as_i64()) {
+                    seen.entry(k).or_default().insert(v);
+                }
+            }
+            seen.len() == KEYS as usize && seen.values().all(|s| s.len() == VERSIONS as usize)
+        })
+        .await;
+    let stats = e.proxy.stats();
+    assert!(stats["records_failed"].as_u64().unwrap_or(0) > 0, "no failures injected: {stats}");
+    assert!(stats["records_ack_lost"].as_u64().unwrap_or(0) > 0, "no lost acks injected: {stats}");
+    let mut last: HashMap<i64, i64> = HashMap::new();
+    for rec in &recs {
+        let Some(k) = rec.id() else { continue };
+        let v = match rec.operation() {
+            "insert" => 0,
+            _ => rec.json["updateDescription"]["updatedFields"]["v"].as_i64().unwrap_or(-1),
+        };
+        let prev = last.insert(k, v).unwrap_or(-1);
+        assert!(v >= prev, "key {k}: version {v} arrived after {prev}");
+    }
+}
+
+/// Repeated kill -9 under a steady write load loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_loss_over_repeated_kill9_under_load() {
+    let e = env().await;
+    let table = unique("cps");
+    e.aws.create_checkpoint_table(&table).await;
+    let stream = unique("s");
+    e.aws.create_stream(&stream, 2).await;
+    let cfg = config_yaml(&e.mongo, Some(&table), &[watcher_yaml("w", "db", "c", &stream, "")]);
+    let coll = e.mongo.client().await.database("db").collection::<Document>("c");
+    e.proxy.rules(json!({"fail_record_rate": 0.05, "seed": 3}));
+    let mut w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
+    e.aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
+    let writer = {
+        let coll = coll.clone();
+        tokio::spawn(async move {
+            let mut next = 0_i64;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
+            while tokio::time::Instant::now() < deadline {
+                coll.insert_one(doc! {"_id": next, "v": 0_i64}).await.expect("insert");
+                next += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            next
+        })
+    };
+    for pause in [1500_u64, 900, 2200, 700] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        w.kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        w.restart();
+    }
+    let written = writer.await.expect("writer");
+    assert!(written > 200, "the load was too light: {written}");
+    let all: Vec<i64> = (0..written).collect();
+    let recs = e.aws.wait_for_records(&stream, Duration::from_secs(120), |r| has_all(r, &all)).await;
+    assert!(ids_of(&recs).len() >= written as usize);
+}

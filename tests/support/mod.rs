@@ -1,0 +1,576 @@
+//! Test fixtures: real SecantusDB and moto servers on free loopback ports, the Kinesis
+//! fault-injection proxy in front of moto, and a mongo-watcher process to start, kill and
+//! stop. Everything is torn down on drop. The servers come from the project's venv
+//! (`.venv/bin`, or `MW_VENV_BIN`), which `scripts/test-setup` creates.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType,
+};
+use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
+use bson::{doc, Document};
+
+pub const REGION: &str = "us-east-1";
+
+pub fn venv_bin() -> PathBuf {
+    match std::env::var_os("MW_VENV_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin"),
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited during start-up: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what} did not listen on 127.0.0.1:{port} within 60 s");
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A SecantusDB server.
+pub struct Mongo {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Mongo {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let port = free_port();
+        let mut child = Command::new(venv_bin().join("secantusd-py"))
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--storage-path", ":memory:", "--enable-test-commands"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start secantusd-py (run scripts/test-setup first)");
+        wait_for_port(port, "secantusd-py", &mut child);
+        Self {
+            port,
+            _proc: Proc {
+                child,
+                name: "secantusd".into(),
+            },
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    pub async fn client(&self) -> mongodb::Client {
+        mongodb::Client::with_uri_str(self.uri())
+            .await
+            .expect("mongodb client")
+    }
+}
+
+/// A moto server (Kinesis, DynamoDB, SSM).
+pub struct Moto {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Moto {
+    pub fn start() -> Self {
+        let port = free_port();
+        let mut child = Command::new(venv_bin().join("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server (run scripts/test-setup first)");
+        wait_for_port(port, "moto_server", &mut child);
+        Self {
+            port,
+            _proc: Proc {
+                child,
+                name: "moto".into(),
+            },
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// The fault-injection proxy in front of moto's Kinesis.
+pub struct Proxy {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Proxy {
+    pub fn start(moto: &Moto) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/kinesis_proxy.py");
+        let mut child = Command::new(venv_bin().join("python"))
+            .arg(script)
+            .args(["--upstream", &moto.endpoint(), "--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start kinesis_proxy.py");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("proxy stdout"))
+            .read_line(&mut line)
+            .expect("proxy announces its port");
+        let port = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected proxy output {line:?}"));
+        Self {
+            port,
+            _proc: Proc {
+                child,
+                name: "proxy".into(),
+            },
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Replaces the rules (see kinesis_proxy.py).
+    pub fn rules(&self, rules: serde_json::Value) {
+        self.post("/_proxy/rules", &rules.to_string());
+    }
+
+    pub fn reset(&self) {
+        self.post("/_proxy/reset", "{}");
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        let body = http(self.port, "GET", "/_proxy/stats", "");
+        serde_json::from_str(&body).expect("proxy stats are JSON")
+    }
+
+    fn post(&self, path: &str, body: &str) {
+        http(self.port, "POST", path, body);
+    }
+}
+
+/// A minimal HTTP/1.1 exchange (the proxy's control API needs nothing more).
+pub fn http(port: u16, method: &str, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read response");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{method} {path}: {head}"
+    );
+    body.to_owned()
+}
+
+/// Clients for moto and the names a test uses.
+pub struct Aws {
+    pub kinesis: aws_sdk_kinesis::Client,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub ssm: aws_sdk_ssm::Client,
+}
+
+impl Aws {
+    pub async fn new(moto: &Moto) -> Self {
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(moto.endpoint())
+            .region(aws_config::Region::new(REGION))
+            .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .load()
+            .await;
+        Self {
+            kinesis: aws_sdk_kinesis::Client::new(&conf),
+            dynamodb: aws_sdk_dynamodb::Client::new(&conf),
+            ssm: aws_sdk_ssm::Client::new(&conf),
+        }
+    }
+
+    pub async fn create_stream(&self, name: &str, shards: i32) {
+        self.kinesis
+            .create_stream()
+            .stream_name(name)
+            .shard_count(shards)
+            .send()
+            .await
+            .expect("create stream");
+        for _ in 0..100 {
+            let d = self
+                .kinesis
+                .describe_stream_summary()
+                .stream_name(name)
+                .send()
+                .await
+                .expect("describe stream");
+            if d.stream_description_summary().map(|s| s.stream_status())
+                == Some(&StreamStatus::Active)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("stream {name} never became active");
+    }
+
+    pub async fn create_checkpoint_table(&self, name: &str) {
+        self.dynamodb
+            .create_table()
+            .table_name(name)
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name("watcher")
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .expect("key schema"),
+            )
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("watcher")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("attribute"),
+            )
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await
+            .expect("create table");
+    }
+
+    /// Every record of every shard, in shard order, as (partition key, JSON).
+    pub async fn read_stream(&self, name: &str) -> Vec<Record> {
+        let shards = self
+            .kinesis
+            .list_shards()
+            .stream_name(name)
+            .send()
+            .await
+            .expect("list shards");
+        let mut out = Vec::new();
+        for shard in shards.shards() {
+            let mut iterator = self
+                .kinesis
+                .get_shard_iterator()
+                .stream_name(name)
+                .shard_id(shard.shard_id())
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .expect("shard iterator")
+                .shard_iterator()
+                .map(str::to_owned);
+            while let Some(it) = iterator {
+                let page = self
+                    .kinesis
+                    .get_records()
+                    .shard_iterator(it)
+                    .limit(10_000)
+                    .send()
+                    .await
+                    .expect("get records");
+                if page.records().is_empty() {
+                    break;
+                }
+                for r in page.records() {
+                    let json: serde_json::Value = serde_json::from_slice(r.data().as_ref())
+                        .unwrap_or_else(|e| panic!("record is not JSON: {e}"));
+                    out.push(Record {
+                        shard: shard.shard_id().to_owned(),
+                        partition_key: r.partition_key().unwrap_or_default().to_owned(),
+                        sequence: r.sequence_number().to_owned(),
+                        raw: r.data().as_ref().to_vec(),
+                        json,
+                    });
+                }
+                iterator = page.next_shard_iterator().map(str::to_owned);
+            }
+        }
+        out
+    }
+
+    /// Polls the stream until `done` holds for its records, or panics after `timeout`.
+    pub async fn wait_for_records(
+        &self,
+        stream: &str,
+        timeout: Duration,
+        done: impl Fn(&[Record]) -> bool,
+    ) -> Vec<Record> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let records = self.read_stream(stream).await;
+            if done(&records) {
+                return records;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "stream {stream}: condition not met within {timeout:?}; {} records: {:?}",
+                    records.len(),
+                    records.iter().take(20).map(|r| &r.json).collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn checkpoint(&self, table: &str, watcher: &str) -> Option<HashMap<String, AttributeValue>> {
+        self.dynamodb
+            .get_item()
+            .table_name(table)
+            .key("watcher", AttributeValue::S(watcher.into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .expect("get checkpoint")
+            .item()
+            .cloned()
+    }
+
+    pub async fn wait_for_checkpoint(
+        &self,
+        table: &str,
+        watcher: &str,
+        timeout: Duration,
+        done: impl Fn(&HashMap<String, AttributeValue>) -> bool,
+    ) -> HashMap<String, AttributeValue> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(item) = self.checkpoint(table, watcher).await {
+                if done(&item) {
+                    return item;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "checkpoint of {watcher} not as expected within {timeout:?}: {:?}",
+                self.checkpoint(table, watcher).await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+pub fn revision(item: &HashMap<String, AttributeValue>) -> u64 {
+    item.get("revision")
+        .and_then(|v| v.as_n().ok())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn token_text(item: &HashMap<String, AttributeValue>) -> Option<String> {
+    item.get("resume_token").and_then(|v| v.as_s().ok()).cloned()
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub shard: String,
+    pub partition_key: String,
+    pub sequence: String,
+    pub raw: Vec<u8>,
+    pub json: serde_json::Value,
+}
+
+impl Record {
+    pub fn operation(&self) -> &str {
+        self.json["operationType"].as_str().unwrap_or_default()
+    }
+
+    /// `documentKey._id` when it is an integer.
+    pub fn id(&self) -> Option<i64> {
+        self.json["documentKey"]["_id"].as_i64()
+    }
+}
+
+/// A running mongo-watcher process with its config and log file.
+pub struct Watcher {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub config: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Watcher {
+    /// Writes `config` to a file in `dir` and starts `mongo-watcher run` with AWS pointed at
+    /// `aws_endpoint` (moto or the proxy).
+    pub fn start(dir: &Path, config: &str, aws_endpoint: &str) -> Self {
+        Self::start_with_env(dir, config, aws_endpoint, &[])
+    }
+
+    pub fn start_with_env(dir: &Path, config: &str, aws_endpoint: &str, env: &[(&str, &str)]) -> Self {
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, config).expect("write config");
+        let mut env: Vec<(String, String)> =
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        env.push(("AWS_ENDPOINT_URL".into(), aws_endpoint.into()));
+        let mut w = Self {
+            child: None,
+            log: dir.join("watcher.log"),
+            config: path,
+            env,
+        };
+        w.spawn();
+        w
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mongo-watcher"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("AWS_REGION", REGION)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("LOG_FORMAT", "text")
+            .env("LOG_LEVEL", "debug")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start mongo-watcher"));
+    }
+
+    /// Starts the process again with the same config (after a kill or stop).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+
+    /// SIGKILL: no flush, no final checkpoint.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits; returns the exit code and how long it took.
+    pub fn terminate(&mut self) -> (Option<i32>, Duration) {
+        let mut c = self.child.take().expect("running");
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let deadline = started + Duration::from_secs(40);
+        loop {
+            if let Some(status) = c.try_wait().expect("wait") {
+                return (status.code(), started.elapsed());
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("mongo-watcher did not exit within 40 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- mongo-watcher log ({}) ----\n{}", self.log.display(), self.logs());
+        }
+    }
+}
+
+/// A unique suffix for names within one test run.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// One watcher entry for a config.
+pub fn watcher_yaml(name: &str, db: &str, coll: &str, stream: &str, extra: &str) -> String {
+    format!(
+        "  - name: {name}\n    database: {db}\n    collection: {coll}\n    stream: {stream}\n{extra}"
+    )
+}
+
+pub fn config_yaml(mongo: &Mongo, table: Option<&str>, watchers: &[String]) -> String {
+    let mut s = format!("mongodb:\n  uri: \"{}\"\n", mongo.uri());
+    if let Some(t) = table {
+        s.push_str(&format!("checkpoints:\n  table: {t}\n"));
+    }
+    s.push_str("http:\n  listen: 127.0.0.1:0\n");
+    s.push_str("defaults:\n  checkpoint_interval: 200ms\n  batch_linger: 20ms\n  retry_max_backoff: 500ms\n");
+    s.push_str("watchers:\n");
+    for w in watchers {
+        s.push_str(w);
+    }
+    s
+}
+
+pub async fn insert_ids(coll: &mongodb::Collection<Document>, ids: impl IntoIterator<Item = i64>) {
+    for id in ids {
+        coll.insert_one(doc! {"_id": id, "v": 0_i64})
+            .await
+            .expect("insert");
+    }
+}
