@@ -164,12 +164,18 @@ async fn crash_before_first_ack_after_latest_skips_nothing() {
     e.aws.create_checkpoint_table(&table).await;
     let stream = unique("s");
     e.aws.create_stream(&stream, 1).await;
-    let cfg = config_yaml(&e.mongo, Some(&table), &[watcher_yaml("w", "db", "c", &stream, "")]);
+    // No periodic checkpoint can help: only the position stored at the first start can.
+    let cfg = config_yaml(
+        &e.mongo,
+        Some(&table),
+        &[watcher_yaml("w", "db", "c", &stream, "    checkpoint_interval: 1h\n")],
+    );
     let coll = e.mongo.client().await.database("db").collection::<Document>("c");
     insert_ids(&coll, [-1]).await; // before the first start: not expected
     e.proxy.rules(json!({"fail_record_rate": 1.0}));
     let mut w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
-    let first = e.aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
+    w.wait_for_log("watcher running", WAIT);
+    let first = e.aws.checkpoint(&table, "w").await.expect("start position stored");
     let ids: Vec<i64> = (1..=10).collect();
     insert_ids(&coll, ids.clone()).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -525,6 +525,15 @@ impl Watcher {
         self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.logs().contains(needle) {
+            assert!(Instant::now() < deadline, "log line {needle:?} not seen within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -108,6 +108,7 @@ pub async fn run(
     let reader_cancel = cancel.child_token();
     let reader_task = tokio::spawn(reader::run(stream, tx, reader_cancel.clone()));
     status.set(State::Running, None);
+    info!("watcher running");
 
     let mut pipeline = Pipeline {
         spec: spec.clone(),
