@@ -252,7 +252,8 @@ impl Pipeline {
         store: &Option<CheckpointStore>,
         cp: &mut CheckpointState,
     ) -> Result<(), WatcherError> {
-        let mut tick = tokio::time::interval(self.spec.checkpoint_interval);
+        let every = self.spec.checkpoint_interval;
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut drain_deadline: Option<Instant> = None;
         let mut checkpoint_failures: u32 = 0;
