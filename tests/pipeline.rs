@@ -56,23 +56,48 @@ async fn watchers_deliver_every_operation_to_their_own_streams() {
         Some(&table),
         &[
             watcher_yaml("orders", "shop", "orders", &s1, ""),
-            watcher_yaml("users", "shop", "users", &s2, "    partition_key: fullDocument.email\n"),
+            watcher_yaml(
+                "users",
+                "shop",
+                "users",
+                &s2,
+                "    partition_key: fullDocument.email\n",
+            ),
         ],
     );
     let _w = Watcher::start(e.dir.path(), &cfg, &e.moto.endpoint());
     for name in ["orders", "users"] {
-        e.aws.wait_for_checkpoint(&table, name, WAIT, |_| true).await;
+        e.aws
+            .wait_for_checkpoint(&table, name, WAIT, |_| true)
+            .await;
     }
     let client = e.mongo.client().await;
     let orders = client.database("shop").collection::<Document>("orders");
     let users = client.database("shop").collection::<Document>("users");
     let oid = bson::oid::ObjectId::new();
-    orders.insert_one(doc! {"_id": oid, "total": 10, "at": bson::DateTime::from_millis(1_700_000_000_123)}).await.unwrap();
-    orders.update_one(doc! {"_id": oid}, doc! {"$set": {"total": 12}}).await.unwrap();
-    orders.replace_one(doc! {"_id": oid}, doc! {"total": 13, "note": "é"}).await.unwrap();
+    orders
+        .insert_one(
+            doc! {"_id": oid, "total": 10, "at": bson::DateTime::from_millis(1_700_000_000_123)},
+        )
+        .await
+        .unwrap();
+    orders
+        .update_one(doc! {"_id": oid}, doc! {"$set": {"total": 12}})
+        .await
+        .unwrap();
+    orders
+        .replace_one(doc! {"_id": oid}, doc! {"total": 13, "note": "é"})
+        .await
+        .unwrap();
     orders.delete_one(doc! {"_id": oid}).await.unwrap();
-    users.insert_one(doc! {"_id": 1, "email": "a@example.com"}).await.unwrap();
-    users.insert_one(doc! {"_id": 2, "email": "b@example.com"}).await.unwrap();
+    users
+        .insert_one(doc! {"_id": 1, "email": "a@example.com"})
+        .await
+        .unwrap();
+    users
+        .insert_one(doc! {"_id": 2, "email": "b@example.com"})
+        .await
+        .unwrap();
 
     let recs = e.aws.wait_for_records(&s1, WAIT, |r| r.len() >= 4).await;
     let ops: Vec<&str> = recs.iter().map(Record::operation).collect();
@@ -82,11 +107,20 @@ async fn watchers_deliver_every_operation_to_their_own_streams() {
         assert_eq!(r.json["documentKey"]["_id"]["$oid"], oid.to_hex());
         assert_eq!(r.json["ns"], json!({"db": "shop", "coll": "orders"}));
     }
-    assert_eq!(recs[0].json["fullDocument"]["at"], json!({"$date": "2023-11-14T22:13:20.123Z"}));
-    assert_eq!(recs[1].json["updateDescription"]["updatedFields"], json!({"total": 12}));
+    assert_eq!(
+        recs[0].json["fullDocument"]["at"],
+        json!({"$date": "2023-11-14T22:13:20.123Z"})
+    );
+    assert_eq!(
+        recs[1].json["updateDescription"]["updatedFields"],
+        json!({"total": 12})
+    );
     // updateLookup is the default: update events carry `fullDocument` (looked up when read,
     // so it may already be null after the delete).
-    assert!(recs[1].json.get("fullDocument").is_some(), "no fullDocument on update");
+    assert!(
+        recs[1].json.get("fullDocument").is_some(),
+        "no fullDocument on update"
+    );
     assert_eq!(recs[2].json["fullDocument"]["note"], "é");
     assert!(
         String::from_utf8_lossy(&recs[2].raw).contains(r#""note": "\u00e9""#),
@@ -113,13 +147,27 @@ async fn checkpoint_never_moves_ahead_of_acks() {
     e.aws.create_checkpoint_table(&table).await;
     let stream = unique("s");
     e.aws.create_stream(&stream, 2).await;
-    let cfg = config_yaml(&e.mongo, Some(&table), &[watcher_yaml("w", "db", "c", &stream, "")]);
-    let coll = e.mongo.client().await.database("db").collection::<Document>("c");
+    let cfg = config_yaml(
+        &e.mongo,
+        Some(&table),
+        &[watcher_yaml("w", "db", "c", &stream, "")],
+    );
+    let coll = e
+        .mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
     let mut w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
     e.aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
     insert_ids(&coll, [0]).await;
-    e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &[0])).await;
-    let acked = e.aws.wait_for_checkpoint(&table, "w", WAIT, |i| revision(i) >= 2).await;
+    e.aws
+        .wait_for_records(&stream, WAIT, |r| has_all(r, &[0]))
+        .await;
+    let acked = e
+        .aws
+        .wait_for_checkpoint(&table, "w", WAIT, |i| revision(i) >= 2)
+        .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let acked = e.aws.checkpoint(&table, "w").await.unwrap_or(acked);
 
@@ -127,10 +175,16 @@ async fn checkpoint_never_moves_ahead_of_acks() {
     e.proxy.rules(json!({"hold": true}));
     let a: Vec<i64> = (1..=10).collect();
     insert_ids(&coll, a.clone()).await;
-    e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &a)).await;
+    e.aws
+        .wait_for_records(&stream, WAIT, |r| has_all(r, &a))
+        .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let now = e.aws.checkpoint(&table, "w").await.expect("checkpoint");
-    assert_eq!(token_text(&now), token_text(&acked), "checkpoint moved while acks were held");
+    assert_eq!(
+        token_text(&now),
+        token_text(&acked),
+        "checkpoint moved while acks were held"
+    );
     w.kill9();
     e.proxy.reset();
 
@@ -141,7 +195,11 @@ async fn checkpoint_never_moves_ahead_of_acks() {
     insert_ids(&coll, b.clone()).await;
     tokio::time::sleep(Duration::from_millis(2000)).await;
     let now = e.aws.checkpoint(&table, "w").await.expect("checkpoint");
-    assert_eq!(token_text(&now), token_text(&acked), "checkpoint moved past rejected records");
+    assert_eq!(
+        token_text(&now),
+        token_text(&acked),
+        "checkpoint moved past rejected records"
+    );
     assert!(e.proxy.stats()["records_failed"].as_u64().unwrap_or(0) > 0);
     w.kill9();
     e.proxy.reset();
@@ -149,7 +207,9 @@ async fn checkpoint_never_moves_ahead_of_acks() {
     // Phase C: a healthy restart delivers everything that was never acknowledged.
     w.restart();
     let all: Vec<i64> = (0..=20).collect();
-    e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &all)).await;
+    e.aws
+        .wait_for_records(&stream, WAIT, |r| has_all(r, &all))
+        .await;
     e.aws
         .wait_for_checkpoint(&table, "w", WAIT, |i| token_text(i) != token_text(&acked))
         .await;
@@ -168,14 +228,29 @@ async fn crash_before_first_ack_after_latest_skips_nothing() {
     let cfg = config_yaml(
         &e.mongo,
         Some(&table),
-        &[watcher_yaml("w", "db", "c", &stream, "    checkpoint_interval: 1h\n")],
+        &[watcher_yaml(
+            "w",
+            "db",
+            "c",
+            &stream,
+            "    checkpoint_interval: 1h\n",
+        )],
     );
-    let coll = e.mongo.client().await.database("db").collection::<Document>("c");
+    let coll = e
+        .mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
     insert_ids(&coll, [-1]).await; // before the first start: not expected
     e.proxy.rules(json!({"fail_record_rate": 1.0}));
     let mut w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
     w.wait_for_log("watcher running", WAIT);
-    let first = e.aws.checkpoint(&table, "w").await.expect("start position stored");
+    let first = e
+        .aws
+        .checkpoint(&table, "w")
+        .await
+        .expect("start position stored");
     let ids: Vec<i64> = (1..=10).collect();
     insert_ids(&coll, ids.clone()).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -186,8 +261,14 @@ async fn crash_before_first_ack_after_latest_skips_nothing() {
     w.kill9();
     e.proxy.reset();
     w.restart();
-    let recs = e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &ids)).await;
-    assert!(!ids_of(&recs).contains(&-1), "a write before the first start was delivered");
+    let recs = e
+        .aws
+        .wait_for_records(&stream, WAIT, |r| has_all(r, &ids))
+        .await;
+    assert!(
+        !ids_of(&recs).contains(&-1),
+        "a write before the first start was delivered"
+    );
 }
 
 /// SIGTERM flushes and writes the final checkpoint: a restart sends nothing twice.
@@ -202,14 +283,27 @@ async fn sigterm_restart_delivers_each_event_exactly_once() {
     let cfg = config_yaml(
         &e.mongo,
         Some(&table),
-        &[watcher_yaml("w", "db", "c", &stream, "    checkpoint_interval: 1h\n")],
+        &[watcher_yaml(
+            "w",
+            "db",
+            "c",
+            &stream,
+            "    checkpoint_interval: 1h\n",
+        )],
     );
-    let coll = e.mongo.client().await.database("db").collection::<Document>("c");
+    let coll = e
+        .mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
     let mut w = Watcher::start(e.dir.path(), &cfg, &e.moto.endpoint());
     e.aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
     let first: Vec<i64> = (0..50).collect();
     insert_ids(&coll, first.clone()).await;
-    e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &first)).await;
+    e.aws
+        .wait_for_records(&stream, WAIT, |r| has_all(r, &first))
+        .await;
     let (code, took) = w.terminate();
     assert_eq!(code, Some(0), "exit code after SIGTERM");
     assert!(took < Duration::from_secs(20), "shutdown took {took:?}");
@@ -217,7 +311,9 @@ async fn sigterm_restart_delivers_each_event_exactly_once() {
     insert_ids(&coll, second.clone()).await;
     w.restart();
     let all: Vec<i64> = (0..100).collect();
-    e.aws.wait_for_records(&stream, WAIT, |r| has_all(r, &all)).await;
+    e.aws
+        .wait_for_records(&stream, WAIT, |r| has_all(r, &all))
+        .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let recs = e.aws.read_stream(&stream).await;
     let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
@@ -225,7 +321,10 @@ async fn sigterm_restart_delivers_each_event_exactly_once() {
         *counts.entry(id).or_default() += 1;
     }
     let dups: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(dups.is_empty(), "duplicates after SIGTERM restart: {dups:?}");
+    assert!(
+        dups.is_empty(),
+        "duplicates after SIGTERM restart: {dups:?}"
+    );
     assert_eq!(recs.len(), 100);
 }
 
@@ -239,9 +338,20 @@ async fn per_key_order_holds_under_partial_failures() {
     let cfg = config_yaml(
         &e.mongo,
         None,
-        &[watcher_yaml("w", "db", "c", &stream, "    full_document: off\n")],
+        &[watcher_yaml(
+            "w",
+            "db",
+            "c",
+            &stream,
+            "    full_document: off\n",
+        )],
     );
-    let coll = e.mongo.client().await.database("db").collection::<Document>("c");
+    let coll = e
+        .mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
     e.proxy.rules(json!({
         "fail_record_rate": 0.3, "ack_lost_rate": 0.1, "fail_call_rate": 0.05, "seed": 7
     }));
@@ -262,7 +372,10 @@ async fn per_key_order_holds_under_partial_failures() {
         .wait_for_records(&stream, Duration::from_secs(120), |r| {
             let mut seen: HashMap<i64, HashSet<i64>> = HashMap::new();
             for rec in r.iter().filter(|r| r.operation() == "update") {
-                if let (Some(k), Some(v)) = (rec.id(), rec.json["updateDescription"]["updatedFields"]["v"].as_i64()) {
+                if let (Some(k), Some(v)) = (
+                    rec.id(),
+                    rec.json["updateDescription"]["updatedFields"]["v"].as_i64(),
+                ) {
                     seen.entry(k).or_default().insert(v);
                 }
             }
@@ -270,14 +383,22 @@ async fn per_key_order_holds_under_partial_failures() {
         })
         .await;
     let stats = e.proxy.stats();
-    assert!(stats["records_failed"].as_u64().unwrap_or(0) > 0, "no failures injected: {stats}");
-    assert!(stats["records_ack_lost"].as_u64().unwrap_or(0) > 0, "no lost acks injected: {stats}");
+    assert!(
+        stats["records_failed"].as_u64().unwrap_or(0) > 0,
+        "no failures injected: {stats}"
+    );
+    assert!(
+        stats["records_ack_lost"].as_u64().unwrap_or(0) > 0,
+        "no lost acks injected: {stats}"
+    );
     let mut last: HashMap<i64, i64> = HashMap::new();
     for rec in &recs {
         let Some(k) = rec.id() else { continue };
         let v = match rec.operation() {
             "insert" => 0,
-            _ => rec.json["updateDescription"]["updatedFields"]["v"].as_i64().unwrap_or(-1),
+            _ => rec.json["updateDescription"]["updatedFields"]["v"]
+                .as_i64()
+                .unwrap_or(-1),
         };
         let prev = last.insert(k, v).unwrap_or(-1);
         assert!(v >= prev, "key {k}: version {v} arrived after {prev}");
@@ -292,8 +413,17 @@ async fn no_loss_over_repeated_kill9_under_load() {
     e.aws.create_checkpoint_table(&table).await;
     let stream = unique("s");
     e.aws.create_stream(&stream, 2).await;
-    let cfg = config_yaml(&e.mongo, Some(&table), &[watcher_yaml("w", "db", "c", &stream, "")]);
-    let coll = e.mongo.client().await.database("db").collection::<Document>("c");
+    let cfg = config_yaml(
+        &e.mongo,
+        Some(&table),
+        &[watcher_yaml("w", "db", "c", &stream, "")],
+    );
+    let coll = e
+        .mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
     e.proxy.rules(json!({"fail_record_rate": 0.05, "seed": 3}));
     let mut w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
     e.aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
@@ -303,7 +433,9 @@ async fn no_loss_over_repeated_kill9_under_load() {
             let mut next = 0_i64;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(12);
             while tokio::time::Instant::now() < deadline {
-                coll.insert_one(doc! {"_id": next, "v": 0_i64}).await.expect("insert");
+                coll.insert_one(doc! {"_id": next, "v": 0_i64})
+                    .await
+                    .expect("insert");
                 next += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -319,6 +451,131 @@ async fn no_loss_over_repeated_kill9_under_load() {
     let written = writer.await.expect("writer");
     assert!(written > 200, "the load was too light: {written}");
     let all: Vec<i64> = (0..written).collect();
-    let recs = e.aws.wait_for_records(&stream, Duration::from_secs(120), |r| has_all(r, &all)).await;
+    let recs = e
+        .aws
+        .wait_for_records(&stream, Duration::from_secs(120), |r| has_all(r, &all))
+        .await;
     assert!(ids_of(&recs).len() >= written as usize);
+}
+
+/// A missing checkpoint table is named in the logs, retried, and picked up once created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_checkpoint_table_is_named_and_retried() {
+    let e = env().await;
+    let table = unique("late-table");
+    let stream = unique("s");
+    e.aws.create_stream(&stream, 1).await;
+    let cfg = config_yaml(
+        &e.mongo,
+        Some(&table),
+        &[watcher_yaml("w", "db", "c", &stream, "")],
+    );
+    let w = Watcher::start(e.dir.path(), &cfg, &e.moto.endpoint());
+    w.wait_for_log(&format!("checkpoint table `{table}` does not exist"), WAIT);
+    assert!(
+        w.logs().contains("hash key named `watcher`"),
+        "no hint on how to create it"
+    );
+    e.aws.create_checkpoint_table(&table).await;
+    e.aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
+    let coll = e
+        .mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
+    insert_ids(&coll, [1, 2, 3]).await;
+    e.aws
+        .wait_for_records(&stream, WAIT, |r| has_all(r, &[1, 2, 3]))
+        .await;
+}
+
+/// Forty watchers on one client: every stream opens and delivers (the pool is sized to the
+/// watchers), and JSON logs carry each watcher's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_watchers_on_one_client_with_json_logs() {
+    let e = env().await;
+    let table = unique("cps");
+    e.aws.create_checkpoint_table(&table).await;
+    let stream = unique("many");
+    e.aws.create_stream(&stream, 4).await;
+    let watchers: Vec<String> = (0..40)
+        .map(|i| watcher_yaml(&format!("w{i}"), "many", &format!("c{i}"), &stream, ""))
+        .collect();
+    let cfg = config_yaml(&e.mongo, Some(&table), &watchers);
+    let started = std::time::Instant::now();
+    let w = Watcher::start_with_env(
+        e.dir.path(),
+        &cfg,
+        &e.moto.endpoint(),
+        &[("LOG_FORMAT", "json"), ("LOG_LEVEL", "info")],
+    );
+    for i in 0..40 {
+        e.aws
+            .wait_for_checkpoint(&table, &format!("w{i}"), WAIT, |_| true)
+            .await;
+    }
+    eprintln!(
+        "40 watchers stored their start positions after {:?}",
+        started.elapsed()
+    );
+    let client = e.mongo.client().await;
+    for i in 0..40_i64 {
+        let coll = client
+            .database("many")
+            .collection::<Document>(&format!("c{i}"));
+        insert_ids(&coll, [i]).await;
+    }
+    let all: Vec<i64> = (0..40).collect();
+    e.aws
+        .wait_for_records(&stream, WAIT, |r| has_all(r, &all))
+        .await;
+    let logs = w.logs();
+    let mut named = HashSet::new();
+    for line in logs.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+        if let Some(name) = v["span"]["watcher"].as_str() {
+            named.insert(name.to_owned());
+        }
+    }
+    assert_eq!(named.len(), 40, "watcher names in logs: {named:?}");
+}
+
+/// A password in the URI or the config never reaches a log line, whatever the server says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_reach_the_logs() {
+    let e = env().await;
+    let stream = unique("s");
+    e.aws.create_stream(&stream, 1).await;
+    for (i, (uri_pw, cfg_pw)) in [
+        ("pw-in-uri-4711", None),
+        ("pw-uri-4713", Some("pw-in-config-4712")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = e.dir.path().join(format!("run{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let uri = format!(
+            "mongodb://app:{uri_pw}@127.0.0.1:{}/?directConnection=true",
+            e.mongo.port
+        );
+        let mut cfg = config_yaml(&e.mongo, None, &[watcher_yaml("w", "db", "c", &stream, "")])
+            .replace(&format!("\"{}\"", e.mongo.uri()), &format!("\"{uri}\""));
+        if let Some(pw) = cfg_pw {
+            cfg = cfg.replace("mongodb:\n", &format!("mongodb:\n  password: \"{pw}\"\n"));
+        }
+        let w = Watcher::start(&dir, &cfg, &e.moto.endpoint());
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let logs = w.logs();
+        assert!(
+            logs.contains("opening change stream") || logs.contains("mongodb"),
+            "{logs}"
+        );
+        for secret in [uri_pw, cfg_pw.unwrap_or(uri_pw)] {
+            assert!(!logs.contains(secret), "secret {secret} in logs:\n{logs}");
+        }
+    }
 }

@@ -262,28 +262,43 @@ impl Aws {
         panic!("stream {name} never became active");
     }
 
+    /// Creates a checkpoint table from `migrations/checkpoints.json` under another name, so
+    /// the tests prove the migration file matches what the code expects.
     pub async fn create_checkpoint_table(&self, name: &str) {
-        self.dynamodb
-            .create_table()
-            .table_name(name)
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("watcher")
-                    .key_type(KeyType::Hash)
-                    .build()
-                    .expect("key schema"),
-            )
-            .attribute_definitions(
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/checkpoints.json");
+        let spec: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("read migration"))
+                .expect("migration is JSON");
+        let mut req = self.dynamodb.create_table().table_name(name);
+        for a in spec["AttributeDefinitions"]
+            .as_array()
+            .expect("AttributeDefinitions")
+        {
+            req = req.attribute_definitions(
                 AttributeDefinition::builder()
-                    .attribute_name("watcher")
-                    .attribute_type(ScalarAttributeType::S)
+                    .attribute_name(a["AttributeName"].as_str().expect("name"))
+                    .attribute_type(ScalarAttributeType::from(
+                        a["AttributeType"].as_str().expect("type"),
+                    ))
                     .build()
                     .expect("attribute"),
-            )
-            .billing_mode(BillingMode::PayPerRequest)
-            .send()
-            .await
-            .expect("create table");
+            );
+        }
+        for k in spec["KeySchema"].as_array().expect("KeySchema") {
+            req = req.key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(k["AttributeName"].as_str().expect("name"))
+                    .key_type(KeyType::from(k["KeyType"].as_str().expect("type")))
+                    .build()
+                    .expect("key schema"),
+            );
+        }
+        req.billing_mode(BillingMode::from(
+            spec["BillingMode"].as_str().expect("BillingMode"),
+        ))
+        .send()
+        .await
+        .expect("create table");
     }
 
     /// Every record of every shard, in shard order, as (partition key, JSON).
@@ -361,7 +376,11 @@ impl Aws {
         }
     }
 
-    pub async fn checkpoint(&self, table: &str, watcher: &str) -> Option<HashMap<String, AttributeValue>> {
+    pub async fn checkpoint(
+        &self,
+        table: &str,
+        watcher: &str,
+    ) -> Option<HashMap<String, AttributeValue>> {
         self.dynamodb
             .get_item()
             .table_name(table)
@@ -406,7 +425,9 @@ pub fn revision(item: &HashMap<String, AttributeValue>) -> u64 {
 }
 
 pub fn token_text(item: &HashMap<String, AttributeValue>) -> Option<String> {
-    item.get("resume_token").and_then(|v| v.as_s().ok()).cloned()
+    item.get("resume_token")
+        .and_then(|v| v.as_s().ok())
+        .cloned()
 }
 
 #[derive(Debug, Clone)]
@@ -444,11 +465,18 @@ impl Watcher {
         Self::start_with_env(dir, config, aws_endpoint, &[])
     }
 
-    pub fn start_with_env(dir: &Path, config: &str, aws_endpoint: &str, env: &[(&str, &str)]) -> Self {
+    pub fn start_with_env(
+        dir: &Path,
+        config: &str,
+        aws_endpoint: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let path = dir.join("config.yaml");
         std::fs::write(&path, config).expect("write config");
-        let mut env: Vec<(String, String)> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         env.push(("AWS_ENDPOINT_URL".into(), aws_endpoint.into()));
         let mut w = Self {
             child: None,
@@ -522,14 +550,19 @@ impl Watcher {
     }
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Waits until the log contains `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.logs().contains(needle) {
-            assert!(Instant::now() < deadline, "log line {needle:?} not seen within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "log line {needle:?} not seen within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -543,7 +576,11 @@ impl Drop for Watcher {
     fn drop(&mut self) {
         self.kill9();
         if std::thread::panicking() {
-            eprintln!("---- mongo-watcher log ({}) ----\n{}", self.log.display(), self.logs());
+            eprintln!(
+                "---- mongo-watcher log ({}) ----\n{}",
+                self.log.display(),
+                self.logs()
+            );
         }
     }
 }
@@ -552,7 +589,11 @@ impl Drop for Watcher {
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// One watcher entry for a config.
