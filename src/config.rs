@@ -10,6 +10,7 @@ use std::time::Duration;
 use bson::{Bson, DateTime, Document};
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::{Mapping, Value};
+use watchers::checkpoint::Layout;
 use watchers::record::{FieldPath, RecordFormat};
 use watchers::spec::{
     BatchSettings, FullDocument, OnHistoryLost, OnInvalidate, OnOversized, StartAt, WatcherSpec,
@@ -46,6 +47,7 @@ impl std::fmt::Debug for MongoConfig {
 #[derive(Debug, Clone)]
 pub struct CheckpointConfig {
     pub table: String,
+    pub layout: Layout,
 }
 
 #[derive(Debug, Clone)]
@@ -111,7 +113,10 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     let checkpoints = top.section("checkpoints").and_then(|mut s| {
         let table = s.require::<String>("table");
         s.finish();
-        table.map(|table| CheckpointConfig { table })
+        table.map(|table| CheckpointConfig {
+            table,
+            layout: Layout::Native,
+        })
     });
     let http = match top.section("http") {
         Some(mut s) => {
@@ -172,6 +177,87 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         checkpoints,
         http,
         watchers,
+    })
+}
+
+/// Drop-in mode: the old Python tool's environment, one watcher, its marker format and its
+/// record format. Used when `run` gets no config file.
+pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    let mut problems = Vec::new();
+    let mut required = |name: &str| -> String {
+        match env(name).filter(|v| !v.is_empty()) {
+            Some(v) => v,
+            None => {
+                problems.push(format!("{name}: missing (drop-in mode reads the old tool's environment)"));
+                String::new()
+            }
+        }
+    };
+    let uri = required("MONGODB_URI");
+    let database = required("MONGODB_DATABASE");
+    let collection = required("MONGODB_COLLECTION");
+    let stream = required("OUT_KINESIS_STREAM");
+    let max_put_retries = match env("KINESIS_PUT_RETRIES").filter(|v| !v.is_empty()) {
+        None => None,
+        Some(v) => match v.trim().parse::<u32>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                problems.push(format!("KINESIS_PUT_RETRIES: `{v}` is not a whole number"));
+                None
+            }
+        },
+    };
+    if !uri.is_empty() && !uri.starts_with("mongodb://") && !uri.starts_with("mongodb+srv://") {
+        problems.push("MONGODB_URI: must start with mongodb:// or mongodb+srv://".into());
+    }
+    if !problems.is_empty() {
+        return Err(ConfigErrors(problems));
+    }
+    let checkpoints = env("DYNAMODB_TABLE_NAME")
+        .filter(|t| !t.is_empty())
+        .map(|table| CheckpointConfig {
+            table,
+            layout: Layout::LegacyMarker {
+                collection_name: format!("{database}.{collection}"),
+            },
+        });
+    let name: String = format!("{database}-{collection}")
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
+        .take(128)
+        .collect();
+    let batch = BatchSettings {
+        max_put_retries,
+        ..BatchSettings::default()
+    };
+    Ok(Config {
+        mongodb: MongoConfig {
+            uri,
+            username: env("MONGODB_USERNAME").filter(|v| !v.is_empty()),
+            password: env("MONGODB_PASSWORD").filter(|v| !v.is_empty()),
+            password_ssm_parameter: None,
+        },
+        checkpoints,
+        http: HttpConfig {
+            listen: default_listen(),
+        },
+        watchers: vec![WatcherSpec {
+            name,
+            database,
+            collection,
+            stream,
+            partition_key: FieldPath::parse("documentKey._id").unwrap_or_else(|| unreachable!()),
+            full_document: FullDocument::UpdateLookup,
+            pipeline: Vec::new(),
+            start_at: StartAt::Latest,
+            on_history_lost: OnHistoryLost::Fail,
+            on_invalidate: OnInvalidate::Stop,
+            on_oversized: OnOversized::Fail,
+            record_format: RecordFormat::Relaxed,
+            batch,
+            checkpoint_interval: Duration::from_secs(1),
+        }],
     })
 }
 

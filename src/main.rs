@@ -36,11 +36,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the watchers until SIGTERM or SIGINT.
+    /// Run the watchers until SIGTERM or SIGINT. Without a config file and with the old
+    /// tool's environment (MONGODB_URI, ...), runs one watcher in drop-in mode.
     Run {
         /// Config file (YAML).
         #[arg(long, env = "MONGO_WATCHER_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Validate a config file: print the resolved watchers (exit 0) or every problem (exit 2).
     CheckConfig {
@@ -63,7 +64,19 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let cfg = match config::load(&config) {
+            let env = |name: &str| std::env::var(name).ok();
+            let loaded = match &config {
+                Some(path) => config::load(path),
+                None if env("MONGODB_URI").is_some() => config::from_legacy_env(&env),
+                None => Err(config::ConfigErrors(vec![
+                    "no configuration: pass --config PATH or set MONGO_WATCHER_CONFIG \
+                     (or the old tool's MONGODB_URI, MONGODB_DATABASE, MONGODB_COLLECTION and \
+                     OUT_KINESIS_STREAM for drop-in mode)"
+                        .into(),
+                ])),
+            };
+            let drop_in = config.is_none();
+            let cfg = match loaded {
                 Ok(cfg) => cfg,
                 Err(errors) => {
                     eprint!("{errors}");
@@ -81,6 +94,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            if drop_in {
+                info!(
+                    watcher = %cfg.watchers[0].name,
+                    marker_table = ?cfg.checkpoints.as_ref().map(|c| &c.table),
+                    "drop-in mode: the old tool's environment, marker and record format"
+                );
+            }
             match runtime.block_on(run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -153,7 +173,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         checkpoints: cfg
             .checkpoints
             .as_ref()
-            .map(|c| CheckpointStore::new(aws_sdk_dynamodb::Client::new(&aws), c.table.clone())),
+            .map(|c| {
+                CheckpointStore::with_layout(
+                    aws_sdk_dynamodb::Client::new(&aws),
+                    c.table.clone(),
+                    c.layout.clone(),
+                )
+            }),
     };
     if deps.checkpoints.is_none() {
         warn!("no checkpoint table configured: every start begins at `start_at`");

@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
 use watchers::retry::Backoff;
-use watchers::spec::{OnInvalidate, WatcherSpec};
+use watchers::pipeline::Carry;
+use watchers::spec::{OnHistoryLost, OnInvalidate, WatcherSpec};
 use watchers::{Deps, State, Status, StatusTx, WatcherError};
 
 /// Restart delays after a retryable failure.
@@ -86,15 +87,28 @@ async fn supervise(
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new(RESTART_INITIAL, RESTART_MAX);
+    let mut carry = Carry::default();
     loop {
         let started = Instant::now();
         // Its own task, so that a panic becomes a state rather than a dead supervisor.
-        let life = tokio::spawn(
-            watchers::pipeline::run(spec.clone(), deps.clone(), status.clone(), cancel.clone())
+        let life = {
+            let (spec, deps, status, cancel) =
+                (spec.clone(), deps.clone(), status.clone(), cancel.clone());
+            // A panic loses what the life carried: the next one starts from the checkpoint.
+            let mut carry = std::mem::take(&mut carry);
+            tokio::spawn(
+                async move {
+                    let result = watchers::pipeline::run(spec, deps, status, cancel, &mut carry).await;
+                    (result, carry)
+                }
                 .in_current_span(),
-        );
+            )
+        };
         let result = match life.await {
-            Ok(result) => result,
+            Ok((result, returned)) => {
+                carry = returned;
+                result
+            }
             Err(join_error) => {
                 error!(error = %join_error, "watcher task panicked");
                 Err(WatcherError::Mongo(mongodb::error::Error::custom(format!(
@@ -124,6 +138,18 @@ async fn supervise(
             && spec.on_invalidate == OnInvalidate::Continue
         {
             info!("change stream invalidated; continuing after it (on_invalidate: continue)");
+            status.restarted();
+            continue;
+        }
+        if matches!(error, WatcherError::HistoryLost { .. })
+            && spec.on_history_lost == OnHistoryLost::RestartFromLatest
+        {
+            error!(
+                error = %error,
+                "change stream history lost: events between the checkpoint and now are NOT \
+                 delivered; restarting from latest (on_history_lost: restart_from_latest)"
+            );
+            carry.start_latest = true;
             status.restarted();
             continue;
         }

@@ -65,7 +65,9 @@ impl Drop for Proc {
 /// A SecantusDB server.
 pub struct Mongo {
     pub port: u16,
-    _proc: Proc,
+    storage: String,
+    extra: Vec<String>,
+    proc: Option<Proc>,
 }
 
 impl Mongo {
@@ -74,23 +76,47 @@ impl Mongo {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), ":memory:", extra)
+    }
+
+    /// A server on `port` with its data in `storage` (a directory survives restarts).
+    pub fn start_on(port: u16, storage: &str, extra: &[&str]) -> Self {
+        let mut m = Self {
+            port,
+            storage: storage.to_owned(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            proc: None,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
         let mut child = Command::new(venv_bin().join("secantusd-py"))
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--storage-path", ":memory:", "--enable-test-commands"])
-            .args(extra)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--storage-path", &self.storage, "--enable-test-commands"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start secantusd-py (run scripts/test-setup first)");
-        wait_for_port(port, "secantusd-py", &mut child);
-        Self {
-            port,
-            _proc: Proc {
-                child,
-                name: "secantusd".into(),
-            },
-        }
+        wait_for_port(self.port, "secantusd-py", &mut child);
+        self.proc = Some(Proc {
+            child,
+            name: "secantusd".into(),
+        });
+    }
+
+    /// SIGKILL the server.
+    pub fn kill(&mut self) {
+        self.proc = None;
+    }
+
+    /// Start it again on the same port and storage, with `extra` flags instead.
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        assert!(self.proc.is_none(), "still running");
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn();
     }
 
     pub fn uri(&self) -> String {
@@ -454,7 +480,7 @@ impl Record {
 pub struct Watcher {
     child: Option<Child>,
     pub log: PathBuf,
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     env: Vec<(String, String)>,
 }
 
@@ -473,6 +499,20 @@ impl Watcher {
     ) -> Self {
         let path = dir.join("config.yaml");
         std::fs::write(&path, config).expect("write config");
+        Self::launch(dir, Some(path), aws_endpoint, env)
+    }
+
+    /// Drop-in mode: no config file, only the old tool's environment in `env`.
+    pub fn start_drop_in(dir: &Path, aws_endpoint: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch(dir, None, aws_endpoint, env)
+    }
+
+    fn launch(
+        dir: &Path,
+        config: Option<PathBuf>,
+        aws_endpoint: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -481,7 +521,7 @@ impl Watcher {
         let mut w = Self {
             child: None,
             log: dir.join("watcher.log"),
-            config: path,
+            config,
             env,
         };
         w.spawn();
@@ -495,9 +535,11 @@ impl Watcher {
             .open(&self.log)
             .expect("open log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mongo-watcher"));
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&self.config)
+        cmd.arg("run");
+        if let Some(config) = &self.config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.env_remove("MONGO_WATCHER_CONFIG")
             .env("AWS_REGION", REGION)
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -553,6 +595,16 @@ impl Watcher {
         self.child
             .as_mut()
             .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Log lines of one watcher (text format) that contain `needle`.
+    pub fn count_watcher_lines(&self, watcher: &str, needle: &str) -> usize {
+        let tag = format!("watcher=\x1b[0m{watcher}");
+        let plain = format!("watcher={watcher}");
+        self.logs()
+            .lines()
+            .filter(|l| (l.contains(&tag) || l.contains(&plain)) && l.contains(needle))
+            .count()
     }
 
     /// Waits until the log contains `needle`.

@@ -1,4 +1,5 @@
-//! Checkpoints in DynamoDB: one item per watcher, written compare-and-set.
+//! Checkpoints in DynamoDB: one item per watcher, written compare-and-set; or, in drop-in
+//! mode, the old Python tool's marker item, read and written exactly as that tool did.
 //!
 //! Item layout (table with one string hash key `watcher`):
 //! `watcher` (S), `resume_token` (S, canonical Extended JSON of the opaque token),
@@ -31,25 +32,59 @@ pub struct Stored {
     pub updated_at: Option<String>,
 }
 
+/// How checkpoints are laid out in the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// One item per watcher keyed `watcher`, compare-and-set on `revision`.
+    Native,
+    /// The old Python tool's marker: hash key `collectionName` = `"<db>.<collection>"`, the
+    /// token in attribute `_id` as a map (`{_data: <string>}`), written with UpdateItem
+    /// `SET #id = :id` and nothing else, so the old tool can take over again at any time.
+    LegacyMarker { collection_name: String },
+}
+
+impl Layout {
+    fn hash_key(&self) -> &'static str {
+        match self {
+            Layout::Native => "watcher",
+            Layout::LegacyMarker { .. } => "collectionName",
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct CheckpointStore {
     client: aws_sdk_dynamodb::Client,
     table: String,
+    layout: Layout,
 }
 
 impl CheckpointStore {
     pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
+        Self::with_layout(client, table, Layout::Native)
+    }
+
+    pub fn with_layout(
+        client: aws_sdk_dynamodb::Client,
+        table: impl Into<String>,
+        layout: Layout,
+    ) -> Self {
         Self {
             client,
             table: table.into(),
+            layout,
         }
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     pub fn table(&self) -> &str {
         &self.table
     }
 
-    /// Checks that the table exists and is keyed by `watcher` (S) alone.
+    /// Checks that the table exists and is keyed by its layout's hash key (S) alone.
     pub async fn verify_table(&self) -> Result<(), WatcherError> {
         let out = self
             .client
@@ -59,8 +94,9 @@ impl CheckpointStore {
             .await
             .map_err(|e| self.error("DescribeTable", e))?;
         let keys = out.table().map(|t| t.key_schema()).unwrap_or_default();
+        let key = self.layout.hash_key();
         let ok = keys.len() == 1
-            && keys[0].attribute_name() == "watcher"
+            && keys[0].attribute_name() == key
             && keys[0].key_type() == &KeyType::Hash;
         if ok {
             Ok(())
@@ -68,12 +104,15 @@ impl CheckpointStore {
             Err(WatcherError::Checkpoint {
                 table: self.table.clone(),
                 operation: "DescribeTable",
-                message: "the key schema must be exactly one hash key named `watcher` (S)".into(),
+                message: format!("the key schema must be exactly one hash key named `{key}` (S)"),
             })
         }
     }
 
     pub async fn load(&self, watcher: &str) -> Result<Option<Stored>, WatcherError> {
+        if let Layout::LegacyMarker { collection_name } = &self.layout {
+            return self.load_legacy(watcher, collection_name).await;
+        }
         let out = self
             .client
             .get_item()
@@ -94,6 +133,9 @@ impl CheckpointStore {
         expected: Option<u64>,
         checkpoint: &Checkpoint,
     ) -> Result<u64, WatcherError> {
+        if let Layout::LegacyMarker { collection_name } = &self.layout {
+            return self.save_legacy(collection_name, checkpoint).await;
+        }
         let revision = expected.map_or(1, |r| r + 1);
         let mut req = self
             .client
@@ -137,6 +179,64 @@ impl CheckpointStore {
         }
     }
 
+    async fn load_legacy(
+        &self,
+        watcher: &str,
+        collection_name: &str,
+    ) -> Result<Option<Stored>, WatcherError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("collectionName", AttributeValue::S(collection_name.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| self.error("GetItem", e))?;
+        let Some(item) = out.item() else {
+            return Ok(None);
+        };
+        let Some(token) = item.get("_id") else {
+            return Ok(None);
+        };
+        let token = attr_to_bson(token).map_err(|message| WatcherError::CorruptCheckpoint {
+            watcher: watcher.to_owned(),
+            message: format!("marker `{collection_name}`: `_id` {message}"),
+        })?;
+        Ok(Some(Stored {
+            checkpoint: Checkpoint {
+                token: Some(token),
+                cluster_time: None,
+                paused: false,
+            },
+            revision: 0,
+            updated_at: None,
+        }))
+    }
+
+    /// `UpdateItem SET #id = :id`, as the old tool wrote its marker. A position known only by
+    /// time cannot be written in that format and is skipped (the next token will be).
+    async fn save_legacy(
+        &self,
+        collection_name: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<u64, WatcherError> {
+        let Some(token) = &checkpoint.token else {
+            return Ok(0);
+        };
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("collectionName", AttributeValue::S(collection_name.to_owned()))
+            .update_expression("SET #id = :id")
+            .expression_attribute_names("#id", "_id")
+            .expression_attribute_values(":id", bson_to_attr(token))
+            .send()
+            .await
+            .map_err(|e| self.error("UpdateItem", e))?;
+        Ok(0)
+    }
+
     fn error<E, R>(&self, operation: &'static str, err: SdkError<E, R>) -> WatcherError
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
@@ -146,6 +246,7 @@ impl CheckpointStore {
             if e.err().code() == Some("ResourceNotFoundException") {
                 return WatcherError::CheckpointTableMissing {
                     table: self.table.clone(),
+                    key: self.layout.hash_key(),
                 };
             }
         }
@@ -215,6 +316,56 @@ fn parse_item(
     })
 }
 
+/// A token (a BSON document, `{_data: "..."}` on MongoDB 4.2+) as a DynamoDB map, the way
+/// boto3 wrote the old tool's dict: strings as S, numbers as N, binary as B, nested as M/L.
+pub fn bson_to_attr(value: &Bson) -> AttributeValue {
+    match value {
+        Bson::String(s) => AttributeValue::S(s.clone()),
+        Bson::Int32(n) => AttributeValue::N(n.to_string()),
+        Bson::Int64(n) => AttributeValue::N(n.to_string()),
+        Bson::Double(n) => AttributeValue::N(n.to_string()),
+        Bson::Boolean(b) => AttributeValue::Bool(*b),
+        Bson::Null => AttributeValue::Null(true),
+        Bson::Binary(b) => AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(b.bytes.clone())),
+        Bson::Document(d) => AttributeValue::M(
+            d.iter()
+                .map(|(k, v)| (k.clone(), bson_to_attr(v)))
+                .collect(),
+        ),
+        Bson::Array(a) => AttributeValue::L(a.iter().map(bson_to_attr).collect()),
+        other => AttributeValue::S(other.clone().into_canonical_extjson().to_string()),
+    }
+}
+
+/// The inverse of [`bson_to_attr`] for what a marker can hold.
+pub fn attr_to_bson(value: &AttributeValue) -> Result<Bson, String> {
+    Ok(match value {
+        AttributeValue::S(s) => Bson::String(s.clone()),
+        AttributeValue::N(n) => match n.parse::<i64>() {
+            Ok(i) => Bson::Int64(i),
+            Err(_) => Bson::Double(n.parse().map_err(|_| format!("has a bad number `{n}`"))?),
+        },
+        AttributeValue::Bool(b) => Bson::Boolean(*b),
+        AttributeValue::Null(_) => Bson::Null,
+        AttributeValue::B(b) => Bson::Binary(bson::Binary {
+            subtype: bson::spec::BinarySubtype::Generic,
+            bytes: b.as_ref().to_vec(),
+        }),
+        AttributeValue::M(m) => {
+            // DynamoDB maps are unordered; tokens have one field (`_data`) in practice.
+            let mut keys: Vec<_> = m.keys().collect();
+            keys.sort();
+            let mut doc = bson::Document::new();
+            for k in keys {
+                doc.insert(k.clone(), attr_to_bson(&m[k])?);
+            }
+            Bson::Document(doc)
+        }
+        AttributeValue::L(l) => Bson::Array(l.iter().map(attr_to_bson).collect::<Result<_, _>>()?),
+        _ => return Err("has an attribute type a token never has".into()),
+    })
+}
+
 /// Parses a token stored as Extended JSON text.
 pub fn parse_token(text: &str) -> Result<Bson, String> {
     let value: serde_json::Value =
@@ -236,6 +387,21 @@ mod tests {
         });
         let text = token.clone().into_canonical_extjson().to_string();
         assert_eq!(parse_token(&text).unwrap(), token);
+    }
+
+    #[test]
+    fn legacy_markers_round_trip() {
+        let token = Bson::Document(doc! {"_data": "8263A1B2C3000000012B"});
+        let attr = bson_to_attr(&token);
+        assert_eq!(
+            attr,
+            AttributeValue::M(HashMap::from([(
+                "_data".to_owned(),
+                AttributeValue::S("8263A1B2C3000000012B".into())
+            )]))
+        );
+        assert_eq!(attr_to_bson(&attr).unwrap(), token);
+        assert!(attr_to_bson(&AttributeValue::Ss(vec![])).is_err());
     }
 
     #[test]

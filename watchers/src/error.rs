@@ -16,9 +16,9 @@ pub enum WatcherError {
 
     #[error(
         "checkpoint table `{table}` does not exist; create it with one string hash key named \
-         `watcher` (see migrations/checkpoints.json)"
+         `{key}` (see migrations/)"
     )]
-    CheckpointTableMissing { table: String },
+    CheckpointTableMissing { table: String, key: &'static str },
 
     #[error("checkpoint table `{table}`: {operation} failed: {message}")]
     Checkpoint {

@@ -41,12 +41,23 @@ pub struct Deps {
     pub checkpoints: Option<CheckpointStore>,
 }
 
+/// What one life of a watcher hands the next (the supervisor keeps it between lives).
+#[derive(Debug, Default)]
+pub struct Carry {
+    /// The last ack frontier, used when there is no checkpoint table.
+    pub position: Option<Bson>,
+    /// Start the next life at `latest`, ignoring the stored checkpoint (after history was lost
+    /// with `on_history_lost: restart_from_latest`, or a rewind to latest).
+    pub start_latest: bool,
+}
+
 /// Runs the watcher until `cancel` fires (Ok) or it fails (Err, with its state).
 pub async fn run(
     spec: Arc<WatcherSpec>,
     deps: Deps,
     status: StatusTx,
     cancel: CancellationToken,
+    carry: &mut Carry,
 ) -> Result<(), WatcherError> {
     status.set(State::Starting, None);
     let mut cp = CheckpointState::default();
@@ -57,17 +68,20 @@ pub async fn run(
         }
         None => None,
     };
-    let start = match &stored {
-        Some(s) => {
-            cp.revision = Some(s.revision);
-            cp.paused = s.checkpoint.paused;
-            match (&s.checkpoint.token, s.checkpoint.cluster_time) {
-                (Some(token), _) => StartPosition::After(token.clone()),
-                (None, Some(ts)) => StartPosition::At(ts),
-                (None, None) => StartPosition::Latest,
-            }
-        }
-        None => match &spec.start_at {
+    if let Some(s) = &stored {
+        cp.revision = Some(s.revision);
+        cp.paused = s.checkpoint.paused;
+    }
+    let start_latest = std::mem::take(&mut carry.start_latest);
+    let start = match (&stored, &carry.position) {
+        _ if start_latest => StartPosition::Latest,
+        (Some(s), _) => match (&s.checkpoint.token, s.checkpoint.cluster_time) {
+            (Some(token), _) => StartPosition::After(token.clone()),
+            (None, Some(ts)) => StartPosition::At(ts),
+            (None, None) => StartPosition::Latest,
+        },
+        (None, Some(token)) => StartPosition::After(token.clone()),
+        (None, None) => match &spec.start_at {
             StartAt::Latest => StartPosition::Latest,
             StartAt::Timestamp(dt) => StartPosition::At(bson::Timestamp {
                 time: (dt.timestamp_millis().max(0) / 1000) as u32,
@@ -76,26 +90,29 @@ pub async fn run(
             StartAt::ResumeToken(t) => StartPosition::After(t.clone()),
         },
     };
-    info!(start = ?start_label(&start), from_checkpoint = stored.is_some(), "opening change stream");
-    let stream = reader::open(&deps.mongo, &spec, &start).await?;
+    let first_start = stored.is_none() || start_latest;
+    info!(start = %start_label(&start), from_checkpoint = !first_start, "opening change stream");
+    let stream = match reader::open(&deps.mongo, &spec, &start).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            if start_latest {
+                carry.start_latest = true;
+            }
+            return Err(e);
+        }
+    };
 
     let mut tracker = AckTracker::new();
-    if stored.is_none() {
+    if first_start {
         // Resolve the start once and store it before reading anything, so that a crash before
         // the first acknowledged batch restarts here rather than at a later `latest`.
         let initial = match (&start, reader::current_token(&stream)) {
-            (_, Some(token)) => Some(Position {
-                token,
-                cluster_time: None,
-            }),
-            (StartPosition::After(token), None) => Some(Position {
-                token: token.clone(),
-                cluster_time: None,
-            }),
+            (_, Some(token)) => Some(token),
+            (StartPosition::After(token), None) => Some(token.clone()),
             _ => None,
         };
-        match (&initial, &start) {
-            (Some(p), _) => tracker.push_idle(p.token.clone()),
+        match (initial, &start) {
+            (Some(token), _) => tracker.push_idle(token),
             (None, StartPosition::At(ts)) => cp.initial_time = Some(*ts),
             (None, _) => cp.initial_time = operation_time(&deps.mongo).await,
         }
@@ -132,6 +149,9 @@ pub async fn run(
         .await;
     reader_cancel.cancel();
     let _ = reader_task.await;
+    if let Some(p) = pipeline.tracker.frontier() {
+        carry.position = Some(p.token.clone());
+    }
     // Final checkpoint: whatever is acknowledged, never more.
     if let Some(store) = &deps.checkpoints {
         if let Err(e) = cp.write(store, &spec.name, &pipeline.tracker, false).await {
@@ -518,7 +538,3 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// The resume token of an event, for callers outside the pipeline.
-pub fn event_token(event: &Document) -> Option<&Bson> {
-    event.get("_id")
-}
