@@ -188,7 +188,9 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
         match env(name).filter(|v| !v.is_empty()) {
             Some(v) => v,
             None => {
-                problems.push(format!("{name}: missing (drop-in mode reads the old tool's environment)"));
+                problems.push(format!(
+                    "{name}: missing (drop-in mode reads the old tool's environment)"
+                ));
                 String::new()
             }
         }
@@ -224,7 +226,13 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
     let name: String = format!("{database}-{collection}")
         .to_ascii_lowercase()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(128)
         .collect();
     let batch = BatchSettings {

@@ -2,6 +2,8 @@
 //! `LOG_LEVEL` (the old tool's variable, any case), else `info`. Lines inside a watcher carry
 //! its name through the `watcher` span.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Quiet the chatty dependencies unless `RUST_LOG` says otherwise.
@@ -26,8 +28,10 @@ pub fn init() {
         }
     };
     let text = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("text"));
+    // Colours only for a terminal: log files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if text {
         builder.init();

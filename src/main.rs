@@ -170,16 +170,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let deps = watchers::Deps {
         mongo,
         kinesis: aws_sdk_kinesis::Client::new(&aws),
-        checkpoints: cfg
-            .checkpoints
-            .as_ref()
-            .map(|c| {
-                CheckpointStore::with_layout(
-                    aws_sdk_dynamodb::Client::new(&aws),
-                    c.table.clone(),
-                    c.layout.clone(),
-                )
-            }),
+        checkpoints: cfg.checkpoints.as_ref().map(|c| {
+            CheckpointStore::with_layout(
+                aws_sdk_dynamodb::Client::new(&aws),
+                c.table.clone(),
+                c.layout.clone(),
+            )
+        }),
     };
     if deps.checkpoints.is_none() {
         warn!("no checkpoint table configured: every start begins at `start_at`");

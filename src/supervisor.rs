@@ -10,8 +10,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
-use watchers::retry::Backoff;
 use watchers::pipeline::Carry;
+use watchers::retry::Backoff;
 use watchers::spec::{OnHistoryLost, OnInvalidate, WatcherSpec};
 use watchers::{Deps, State, Status, StatusTx, WatcherError};
 
@@ -98,7 +98,8 @@ async fn supervise(
             let mut carry = std::mem::take(&mut carry);
             tokio::spawn(
                 async move {
-                    let result = watchers::pipeline::run(spec, deps, status, cancel, &mut carry).await;
+                    let result =
+                        watchers::pipeline::run(spec, deps, status, cancel, &mut carry).await;
                     (result, carry)
                 }
                 .in_current_span(),

@@ -112,6 +112,22 @@ impl Mongo {
         self.proc = None;
     }
 
+    /// SIGTERM the server and wait for a clean shutdown (data flushed to its storage).
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &p.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = p.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
     /// Start it again on the same port and storage, with `extra` flags instead.
     pub fn restart_with(&mut self, extra: &[&str]) {
         assert!(self.proc.is_none(), "still running");
@@ -599,11 +615,10 @@ impl Watcher {
 
     /// Log lines of one watcher (text format) that contain `needle`.
     pub fn count_watcher_lines(&self, watcher: &str, needle: &str) -> usize {
-        let tag = format!("watcher=\x1b[0m{watcher}");
-        let plain = format!("watcher={watcher}");
+        let tag = format!("watcher={watcher}");
         self.logs()
             .lines()
-            .filter(|l| (l.contains(&tag) || l.contains(&plain)) && l.contains(needle))
+            .filter(|l| l.contains(&tag) && l.contains(needle))
             .count()
     }
 

@@ -188,7 +188,10 @@ impl CheckpointStore {
             .client
             .get_item()
             .table_name(&self.table)
-            .key("collectionName", AttributeValue::S(collection_name.to_owned()))
+            .key(
+                "collectionName",
+                AttributeValue::S(collection_name.to_owned()),
+            )
             .consistent_read(true)
             .send()
             .await
@@ -227,7 +230,10 @@ impl CheckpointStore {
         self.client
             .update_item()
             .table_name(&self.table)
-            .key("collectionName", AttributeValue::S(collection_name.to_owned()))
+            .key(
+                "collectionName",
+                AttributeValue::S(collection_name.to_owned()),
+            )
             .update_expression("SET #id = :id")
             .expression_attribute_names("#id", "_id")
             .expression_attribute_values(":id", bson_to_attr(token))
@@ -326,7 +332,9 @@ pub fn bson_to_attr(value: &Bson) -> AttributeValue {
         Bson::Double(n) => AttributeValue::N(n.to_string()),
         Bson::Boolean(b) => AttributeValue::Bool(*b),
         Bson::Null => AttributeValue::Null(true),
-        Bson::Binary(b) => AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(b.bytes.clone())),
+        Bson::Binary(b) => {
+            AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(b.bytes.clone()))
+        }
         Bson::Document(d) => AttributeValue::M(
             d.iter()
                 .map(|(k, v)| (k.clone(), bson_to_attr(v)))

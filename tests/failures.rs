@@ -1,0 +1,399 @@
+//! Failure semantics against real services: history lost, drop/rename/invalidate, oversized
+//! records, MongoDB and Kinesis outages, SSM passwords with SCRAM auth. Each test fails if the
+//! behaviour it names breaks.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use aws_sdk_ssm::types::ParameterType;
+use bson::{doc, Bson, Document};
+use futures_util::StreamExt;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn ids_of(records: &[Record]) -> Vec<i64> {
+    records.iter().filter_map(Record::id).collect()
+}
+
+fn has_all(records: &[Record], ids: &[i64]) -> bool {
+    let got: HashSet<i64> = ids_of(records).into_iter().collect();
+    ids.iter().all(|i| got.contains(i))
+}
+
+/// A resume token for a point in `coll`'s history, taken with the driver.
+async fn token_before_insert(coll: &mongodb::Collection<Document>, id: i64) -> Bson {
+    let mut stream = coll.watch().await.expect("watch");
+    coll.insert_one(doc! {"_id": id}).await.expect("insert");
+    let event = stream.next().await.expect("an event").expect("event ok");
+    watchers::reader::from_resume_token(&event.id).expect("token")
+}
+
+fn token_yaml(token: &Bson) -> String {
+    let data = token
+        .as_document()
+        .and_then(|d| d.get_str("_data").ok())
+        .expect("token has _data");
+    format!("    start_at: {{resume_token: {{_data: \"{data}\"}}}}\n")
+}
+
+async fn lose_history(client: &mongodb::Client, coll: &mongodb::Collection<Document>) {
+    insert_ids(coll, 1000..1040).await;
+    client
+        .database("admin")
+        .run_command(doc! {"secantusAdmin.pruneOplog": 1})
+        .await
+        .expect("prune the oplog");
+}
+
+/// History lost parks the watcher in `history_lost` without a restart loop; the other
+/// watchers of the process keep delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lost_parks_only_that_watcher() {
+    let mongo = Mongo::start_with(&["--oplog-max-entries", "10"]);
+    let moto = Moto::start();
+    let aws = Aws::new(&moto).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = (unique("a"), unique("b"));
+    aws.create_stream(&sa, 1).await;
+    aws.create_stream(&sb, 1).await;
+    let client = mongo.client().await;
+    let a = client.database("db").collection::<Document>("a");
+    let b = client.database("db").collection::<Document>("b");
+    let old = token_before_insert(&a, 1).await;
+    lose_history(&client, &a).await;
+    let cfg = config_yaml(
+        &mongo,
+        None,
+        &[
+            watcher_yaml("a", "db", "a", &sa, &token_yaml(&old)),
+            watcher_yaml("b", "db", "b", &sb, ""),
+        ],
+    );
+    let w = Watcher::start(dir.path(), &cfg, &moto.endpoint());
+    w.wait_for_log("state=history_lost", WAIT);
+    insert_ids(&b, [1, 2, 3]).await;
+    aws.wait_for_records(&sb, WAIT, |r| has_all(r, &[1, 2, 3]))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        w.count_watcher_lines("a", "opening change stream"),
+        1,
+        "history_lost must not restart in a loop"
+    );
+    assert!(w.logs().contains("ChangeStreamHistoryLost") || w.logs().contains("oplog"));
+    assert!(aws.read_stream(&sa).await.is_empty());
+}
+
+/// `on_history_lost: restart_from_latest` logs the gap and goes on from now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lost_restart_from_latest_logs_the_gap_and_continues() {
+    let mongo = Mongo::start_with(&["--oplog-max-entries", "10"]);
+    let moto = Moto::start();
+    let aws = Aws::new(&moto).await;
+    let dir = tempfile::tempdir().unwrap();
+    let table = unique("cps");
+    aws.create_checkpoint_table(&table).await;
+    let s = unique("a");
+    aws.create_stream(&s, 1).await;
+    let client = mongo.client().await;
+    let a = client.database("db").collection::<Document>("a");
+    let old = token_before_insert(&a, 1).await;
+    lose_history(&client, &a).await;
+    let extra = format!(
+        "{}    on_history_lost: restart_from_latest\n",
+        token_yaml(&old)
+    );
+    let cfg = config_yaml(
+        &mongo,
+        Some(&table),
+        &[watcher_yaml("a", "db", "a", &s, &extra)],
+    );
+    let w = Watcher::start(dir.path(), &cfg, &moto.endpoint());
+    w.wait_for_log("are NOT delivered; restarting from latest", WAIT);
+    w.wait_for_log("watcher running", WAIT);
+    insert_ids(&a, [7, 8]).await;
+    let recs = aws
+        .wait_for_records(&s, WAIT, |r| has_all(r, &[7, 8]))
+        .await;
+    assert!(
+        !ids_of(&recs).contains(&1000),
+        "history that was lost cannot be delivered"
+    );
+    // The new position is stored, so a restart does not fall into the gap again.
+    aws.wait_for_checkpoint(&table, "a", WAIT, |i| revision(i) >= 2)
+        .await;
+}
+
+/// drop and rename are delivered as records; the invalidate that follows parks the watcher
+/// (`stop`) or is stepped over (`continue`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_rename_and_invalidate_in_both_modes() {
+    let mongo = Mongo::start();
+    let moto = Moto::start();
+    let aws = Aws::new(&moto).await;
+    let dir = tempfile::tempdir().unwrap();
+    let table = unique("cps");
+    aws.create_checkpoint_table(&table).await;
+    let (s_stop, s_cont) = (unique("stop"), unique("cont"));
+    aws.create_stream(&s_stop, 1).await;
+    aws.create_stream(&s_cont, 1).await;
+    let cfg = config_yaml(
+        &mongo,
+        Some(&table),
+        &[
+            watcher_yaml("stopper", "db", "x", &s_stop, ""),
+            watcher_yaml("goer", "db", "y", &s_cont, "    on_invalidate: continue\n"),
+        ],
+    );
+    let w = Watcher::start(dir.path(), &cfg, &moto.endpoint());
+    for name in ["stopper", "goer"] {
+        aws.wait_for_checkpoint(&table, name, WAIT, |_| true).await;
+    }
+    let client = mongo.client().await;
+    let db = client.database("db");
+    let x = db.collection::<Document>("x");
+    let y = db.collection::<Document>("y");
+    insert_ids(&x, [1]).await;
+    x.drop().await.unwrap();
+    insert_ids(&y, [1]).await;
+    db.run_command(doc! {"renameCollection": "db.y", "to": "db.y2"})
+        .await
+        .ok();
+    client
+        .database("admin")
+        .run_command(doc! {"renameCollection": "db.y", "to": "db.y2"})
+        .await
+        .ok();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    insert_ids(&y, [2]).await; // the name is reused after the rename
+    y.drop().await.unwrap();
+    insert_ids(&y, [3]).await;
+
+    let recs = aws.wait_for_records(&s_stop, WAIT, |r| r.len() >= 2).await;
+    let ops: Vec<&str> = recs.iter().map(Record::operation).collect();
+    assert_eq!(ops, ["insert", "drop"]);
+    assert_eq!(
+        recs[1].partition_key, "db.x",
+        "collection events are keyed by namespace"
+    );
+    w.wait_for_log("state=invalidated", WAIT);
+
+    let recs = aws
+        .wait_for_records(&s_cont, WAIT, |r| has_all(r, &[1, 2, 3]))
+        .await;
+    let ops: Vec<&str> = recs.iter().map(Record::operation).collect();
+    assert!(ops.contains(&"rename") || ops.contains(&"drop"), "{ops:?}");
+    assert!(
+        !ops.contains(&"invalidate"),
+        "invalidate is not a data record"
+    );
+    assert_eq!(w.count_watcher_lines("stopper", "opening change stream"), 1);
+}
+
+/// A record over 1 MiB fails the watcher (nothing after it is delivered or checkpointed), or
+/// with `skip` is dropped, logged with its document key, and the rest flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_records_fail_or_skip() {
+    let mongo = Mongo::start();
+    let moto = Moto::start();
+    let aws = Aws::new(&moto).await;
+    let dir = tempfile::tempdir().unwrap();
+    let table = unique("cps");
+    aws.create_checkpoint_table(&table).await;
+    let (s_fail, s_skip) = (unique("fail"), unique("skip"));
+    aws.create_stream(&s_fail, 1).await;
+    aws.create_stream(&s_skip, 1).await;
+    let cfg = config_yaml(
+        &mongo,
+        Some(&table),
+        &[
+            watcher_yaml("failer", "db", "f", &s_fail, "    full_document: off\n"),
+            watcher_yaml("skipper", "db", "s", &s_skip, "    on_oversized: skip\n"),
+        ],
+    );
+    let w = Watcher::start(dir.path(), &cfg, &moto.endpoint());
+    for name in ["failer", "skipper"] {
+        aws.wait_for_checkpoint(&table, name, WAIT, |_| true).await;
+    }
+    let client = mongo.client().await;
+    let big = "x".repeat(1_100_000);
+    for name in ["f", "s"] {
+        let c = client.database("db").collection::<Document>(name);
+        c.insert_one(doc! {"_id": 1_i64}).await.unwrap();
+        c.insert_one(doc! {"_id": 2_i64, "blob": &big})
+            .await
+            .unwrap();
+        c.insert_one(doc! {"_id": 3_i64}).await.unwrap();
+    }
+    let recs = aws
+        .wait_for_records(&s_skip, WAIT, |r| has_all(r, &[1, 3]))
+        .await;
+    assert!(!ids_of(&recs).contains(&2));
+    w.wait_for_log("record over 1 MiB skipped", WAIT);
+    assert!(
+        w.logs().contains(r#"document_key={"_id":2}"#),
+        "skip log names the document"
+    );
+
+    w.wait_for_log("state=failed", WAIT);
+    assert!(w.logs().contains("over Kinesis's limit"));
+    let recs = aws.read_stream(&s_fail).await;
+    assert_eq!(
+        ids_of(&recs),
+        vec![1],
+        "records past the oversized one were delivered"
+    );
+    // The checkpoint stays at or before the failed record: after the fix (skip), record 2's
+    // successors would be read again.
+    let cp = aws.checkpoint(&table, "failer").await.expect("checkpoint");
+    let token = token_text(&cp).expect("token");
+    let stored = watchers::checkpoint::parse_token(&token).expect("token parses");
+    let coll = client.database("db").collection::<Document>("f");
+    let mut replay = coll
+        .watch()
+        .start_after(watchers::reader::to_resume_token(&stored).unwrap())
+        .await
+        .unwrap();
+    let next = replay.next().await.unwrap().unwrap();
+    let key = next.document_key.unwrap();
+    assert_eq!(
+        key.get_i64("_id").ok(),
+        Some(2),
+        "checkpoint passed the oversized record"
+    );
+}
+
+/// MongoDB down at start and killed mid-run: the process keeps retrying, never exits, and
+/// loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_down_at_start_and_killed_mid_run() {
+    let moto = Moto::start();
+    let aws = Aws::new(&moto).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let table = unique("cps");
+    aws.create_checkpoint_table(&table).await;
+    let s = unique("s");
+    aws.create_stream(&s, 1).await;
+    let port = free_port();
+    let uri =
+        format!("mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=2000");
+    let cfg = format!(
+        "mongodb:\n  uri: \"{uri}\"\ncheckpoints:\n  table: {table}\ndefaults:\n  checkpoint_interval: 200ms\nwatchers:\n{}",
+        watcher_yaml("w", "db", "c", &s, "")
+    );
+    let mut w = Watcher::start(dir.path(), &cfg, &moto.endpoint());
+    w.wait_for_log("watcher failed; restarting", WAIT);
+    let storage = data.path().to_str().unwrap().to_owned();
+    let mut mongo = Mongo::start_on(port, &storage, &[]);
+    aws.wait_for_checkpoint(&table, "w", Duration::from_secs(90), |_| true)
+        .await;
+    let client = mongo.client().await;
+    let c = client.database("db").collection::<Document>("c");
+    insert_ids(&c, 1..=5).await;
+    aws.wait_for_records(&s, WAIT, |r| has_all(r, &[1, 2, 3, 4, 5]))
+        .await;
+    mongo.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        w.exited().is_none(),
+        "mongo-watcher exited while MongoDB was down"
+    );
+    mongo.restart_with(&[]);
+    let client = mongo.client().await;
+    let c = client.database("db").collection::<Document>("c");
+    insert_ids(&c, 6..=10).await;
+    let all: Vec<i64> = (1..=10).collect();
+    aws.wait_for_records(&s, Duration::from_secs(120), |r| has_all(r, &all))
+        .await;
+    assert!(w.exited().is_none());
+}
+
+/// A missing Kinesis stream is named and retried; records flow once it exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_stream_missing_then_created() {
+    let mongo = Mongo::start();
+    let moto = Moto::start();
+    let aws = Aws::new(&moto).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = unique("late");
+    let cfg = config_yaml(&mongo, None, &[watcher_yaml("w", "db", "c", &s, "")]);
+    let w = Watcher::start(dir.path(), &cfg, &moto.endpoint());
+    w.wait_for_log("watcher running", WAIT);
+    let c = mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
+    insert_ids(&c, [1, 2, 3]).await;
+    w.wait_for_log(&format!("kinesis stream `{s}` does not exist"), WAIT);
+    aws.create_stream(&s, 1).await;
+    aws.wait_for_records(&s, WAIT, |r| has_all(r, &[1, 2, 3]))
+        .await;
+}
+
+/// The MongoDB password from SSM (SecureString) against a server that requires SCRAM; a
+/// missing parameter is named; no secret reaches a log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssm_password_against_scram_auth() {
+    let moto = Moto::start();
+    let aws = Aws::new(&moto).await;
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let storage = data.path().to_str().unwrap().to_owned();
+    let mut mongo = Mongo::start_on(port, &storage, &[]);
+    let secret = "ssm-secret-pw-8841";
+    mongo
+        .client()
+        .await
+        .database("admin")
+        .run_command(doc! {"createUser": "app", "pwd": secret, "roles": ["root"]})
+        .await
+        .expect("createUser");
+    mongo.stop();
+    mongo.restart_with(&["--auth"]);
+    aws.ssm
+        .put_parameter()
+        .name("/test/mongo/pw")
+        .value(secret)
+        .r#type(ParameterType::SecureString)
+        .send()
+        .await
+        .expect("put parameter");
+    let s = unique("s");
+    aws.create_stream(&s, 1).await;
+
+    // A wrong parameter name is named, and the watcher does not start.
+    let dir1 = tempfile::tempdir().unwrap();
+    let cfg = |param: &str| {
+        format!(
+            "mongodb:\n  uri: \"mongodb://127.0.0.1:{port}/?directConnection=true\"\n  username: app\n  password_ssm_parameter: {param}\nwatchers:\n{}",
+            watcher_yaml("w", "db", "c", &s, "")
+        )
+    };
+    let w1 = Watcher::start(dir1.path(), &cfg("/test/mongo/nope"), &moto.endpoint());
+    w1.wait_for_log("SSM parameter `/test/mongo/nope`", WAIT);
+    drop(w1);
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let w = Watcher::start(dir2.path(), &cfg("/test/mongo/pw"), &moto.endpoint());
+    w.wait_for_log("watcher running", WAIT);
+    let authed = mongodb::Client::with_uri_str(format!(
+        "mongodb://app:{secret}@127.0.0.1:{port}/?directConnection=true"
+    ))
+    .await
+    .unwrap();
+    let c = authed.database("db").collection::<Document>("c");
+    insert_ids(&c, [1, 2]).await;
+    aws.wait_for_records(&s, WAIT, |r| has_all(r, &[1, 2]))
+        .await;
+    for logs in [
+        w.logs(),
+        std::fs::read_to_string(dir1.path().join("watcher.log")).unwrap(),
+    ] {
+        assert!(!logs.contains(secret), "the password reached a log line");
+    }
+}
