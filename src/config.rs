@@ -53,6 +53,8 @@ pub struct CheckpointConfig {
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    /// SSM parameter holding the API token (else `MONGO_WATCHER_API_TOKEN`).
+    pub api_token_ssm_parameter: Option<String>,
 }
 
 /// Every problem found, each `path: message`.
@@ -130,13 +132,16 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                     None
                 }
             });
+            let api_token_ssm_parameter = s.take("api_token_ssm_parameter");
             s.finish();
             HttpConfig {
                 listen: listen.unwrap_or(default_listen()),
+                api_token_ssm_parameter,
             }
         }
         None => HttpConfig {
             listen: default_listen(),
+            api_token_ssm_parameter: None,
         },
     };
     let defaults = top
@@ -209,6 +214,15 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
             }
         },
     };
+    let listen = match env("MONGO_WATCHER_HTTP_LISTEN").filter(|v| !v.is_empty()) {
+        None => default_listen(),
+        Some(v) => v.parse().unwrap_or_else(|_| {
+            problems.push(format!(
+                "MONGO_WATCHER_HTTP_LISTEN: `{v}` is not an address like 0.0.0.0:8080"
+            ));
+            default_listen()
+        }),
+    };
     if !uri.is_empty() && !uri.starts_with("mongodb://") && !uri.starts_with("mongodb+srv://") {
         problems.push("MONGODB_URI: must start with mongodb:// or mongodb+srv://".into());
     }
@@ -248,7 +262,8 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
         },
         checkpoints,
         http: HttpConfig {
-            listen: default_listen(),
+            listen,
+            api_token_ssm_parameter: None,
         },
         watchers: vec![WatcherSpec {
             name,
@@ -262,7 +277,7 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
             on_history_lost: OnHistoryLost::Fail,
             on_invalidate: OnInvalidate::Stop,
             on_oversized: OnOversized::Fail,
-            record_format: RecordFormat::Relaxed,
+            record_format: RecordFormat::Legacy,
             batch,
             checkpoint_interval: Duration::from_secs(1),
         }],
@@ -609,6 +624,7 @@ impl PartialWatcher {
                 &[
                     ("relaxed", RecordFormat::Relaxed),
                     ("canonical", RecordFormat::Canonical),
+                    ("legacy", RecordFormat::Legacy),
                 ],
             ),
             checkpoint_interval: s.duration("checkpoint_interval"),

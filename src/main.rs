@@ -159,7 +159,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         (Some(p), _) => Some(p.clone()),
         (None, Some(name)) => {
             let ssm = aws_sdk_ssm::Client::new(&aws);
-            match fetch_ssm_password(&ssm, name, &shutdown).await {
+            match fetch_ssm_secret(&ssm, name, "mongodb.password_ssm_parameter", &shutdown).await {
                 Some(p) => Some(p),
                 None => return Ok(()),
             }
@@ -167,7 +167,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         (None, None) => None,
     };
     let mongo = mongo_client(&cfg, password, cfg.watchers.len()).await?;
+    let registry = api::registry_with_process_metrics().context("cannot register the metrics")?;
+    let metrics =
+        watchers::metrics::Metrics::register(&registry).context("cannot register the metrics")?;
     let deps = watchers::Deps {
+        metrics: metrics.clone(),
         mongo,
         kinesis: aws_sdk_kinesis::Client::new(&aws),
         checkpoints: cfg.checkpoints.as_ref().map(|c| {
@@ -181,12 +185,54 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     if deps.checkpoints.is_none() {
         warn!("no checkpoint table configured: every start begins at `start_at`");
     }
+    let api_token = match (
+        std::env::var("MONGO_WATCHER_API_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+        &cfg.http.api_token_ssm_parameter,
+    ) {
+        (Some(token), _) => Some(token),
+        (None, Some(name)) => {
+            let ssm = aws_sdk_ssm::Client::new(&aws);
+            match fetch_ssm_secret(&ssm, name, "http.api_token_ssm_parameter", &shutdown).await {
+                Some(token) => Some(token),
+                None => return Ok(()),
+            }
+        }
+        (None, None) => {
+            warn!(
+                "no API token (MONGO_WATCHER_API_TOKEN or http.api_token_ssm_parameter): \
+                 pause, resume and rewind are disabled"
+            );
+            None
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("http.listen: cannot listen on {}", cfg.http.listen))?;
+
     info!(watchers = cfg.watchers.len(), "starting");
     let supervisor = supervisor::Supervisor::start(cfg.watchers, deps, &shutdown);
+    let liveness = api::Liveness::new();
+    tokio::spawn(supervisor::heartbeat(liveness.clone()));
+    let state = api::AppState::new(supervisor.handles().to_vec(), registry, metrics, liveness)
+        .context("cannot build the HTTP API state")?
+        .with_api_token(api_token)
+        .context("API token")?;
+    // The API outlives the watchers' drain, so /readyz and /watchers show the shutdown.
+    let http_shutdown = CancellationToken::new();
+    let http = tokio::spawn(api::serve(listener, state, http_shutdown.clone()));
+
     shutdown.cancelled().await;
     info!("shutting down: draining watchers");
     if supervisor.wait(SHUTDOWN_DEADLINE).await {
         info!("all watchers stopped");
+    }
+    http_shutdown.cancel();
+    match tokio::time::timeout(Duration::from_secs(2), http).await {
+        Ok(Ok(Err(e))) => warn!(error = %e, "HTTP server ended with an error"),
+        Err(_) => warn!("HTTP server did not stop within 2 s"),
+        _ => {}
     }
     Ok(())
 }
@@ -233,10 +279,12 @@ async fn mongo_client(
         .context("cannot build the MongoDB client")
 }
 
-/// Reads the MongoDB password from SSM, retrying until it works or shutdown.
-async fn fetch_ssm_password(
+/// Reads a secret from SSM with decryption, retrying until it works or shutdown. Errors name
+/// the parameter and the setting it comes from, never the value.
+async fn fetch_ssm_secret(
     ssm: &aws_sdk_ssm::Client,
     name: &str,
+    setting: &str,
     shutdown: &CancellationToken,
 ) -> Option<String> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
@@ -256,7 +304,7 @@ async fn fetch_ssm_password(
                 use aws_sdk_ssm::error::ProvideErrorMetadata;
                 match e.code() {
                     Some("ParameterNotFound") => {
-                        format!("SSM parameter `{name}` (mongodb.password_ssm_parameter) does not exist")
+                        format!("SSM parameter `{name}` ({setting}) does not exist")
                     }
                     Some(code) => format!("SSM parameter `{name}`: {code}"),
                     None => format!(
@@ -267,7 +315,7 @@ async fn fetch_ssm_password(
             }
         };
         let delay = backoff.next_delay();
-        error!(error = %problem, retry_in = ?delay, "cannot read the MongoDB password");
+        error!(error = %problem, retry_in = ?delay, setting, "cannot read a secret from SSM");
         tokio::select! {
             _ = shutdown.cancelled() => return None,
             _ = tokio::time::sleep(delay) => {}

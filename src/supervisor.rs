@@ -1,32 +1,30 @@
-//! Runs one task per watcher, restarts the ones that fail with a retryable error (capped
-//! exponential backoff with jitter), parks the others in their named state, and on shutdown
-//! waits for all of them to reach a safe point.
+//! Runs one task per watcher: restarts the ones that fail with a retryable error (capped
+//! exponential backoff with jitter), parks the others in their named state, carries out
+//! operator commands (pause, resume, rewind), and on shutdown waits for every watcher to reach
+//! a safe point.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use bson::{doc, Document, Timestamp};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
-use watchers::pipeline::Carry;
+use watchers::checkpoint::{Checkpoint, Layout};
+use watchers::control::{Command, ControlError, RewindTarget, WatcherHandle};
+use watchers::pipeline::{Carry, Exit};
+use watchers::reader::{self, StartPosition};
 use watchers::retry::Backoff;
 use watchers::spec::{OnHistoryLost, OnInvalidate, WatcherSpec};
-use watchers::{Deps, State, Status, StatusTx, WatcherError};
+use watchers::{Deps, State, StatusTx, WatcherError};
 
 /// Restart delays after a retryable failure.
 const RESTART_INITIAL: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
 /// A life longer than this resets the restart backoff.
 const HEALTHY_LIFE: Duration = Duration::from_secs(120);
-
-/// What the rest of the process sees of one watcher.
-#[derive(Clone)]
-pub struct WatcherHandle {
-    pub spec: Arc<WatcherSpec>,
-    pub status: watch::Receiver<Status>,
-}
 
 pub struct Supervisor {
     tracker: TaskTracker,
@@ -40,20 +38,23 @@ impl Supervisor {
         for spec in specs {
             let spec = Arc::new(spec);
             let (status, rx) = StatusTx::channel();
-            handles.push(WatcherHandle {
-                spec: spec.clone(),
-                status: rx,
-            });
+            let (handle, commands) = WatcherHandle::new(spec.clone(), rx);
+            handles.push(handle);
             let span = info_span!("watcher", watcher = %spec.name);
-            tracker.spawn(
-                supervise(spec, deps.clone(), status, shutdown.child_token()).instrument(span),
-            );
+            let task = Task {
+                spec,
+                deps: deps.clone(),
+                status,
+                cancel: shutdown.child_token(),
+                commands,
+                carry: Carry::default(),
+            };
+            tracker.spawn(task.supervise().instrument(span));
         }
         tracker.close();
         Self { tracker, handles }
     }
 
-    #[allow(dead_code)] // read by the control plane (api crate)
     pub fn handles(&self) -> &[WatcherHandle] {
         &self.handles
     }
@@ -69,8 +70,8 @@ impl Supervisor {
         let running: Vec<_> = self
             .handles
             .iter()
-            .filter(|h| h.status.borrow().state != State::Stopped)
-            .map(|h| h.spec.name.clone())
+            .filter(|h| h.status().state != State::Stopped)
+            .map(|h| h.name().to_owned())
             .collect();
         error!(
             ?running,
@@ -80,99 +81,386 @@ impl Supervisor {
     }
 }
 
-async fn supervise(
+/// Beats the liveness clock every second for as long as the runtime schedules tasks, so that
+/// `/healthz` turns unhealthy if the process wedges.
+pub async fn heartbeat(liveness: api::Liveness) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        liveness.beat();
+    }
+}
+
+/// One watcher's supervising task and everything it owns.
+struct Task {
     spec: Arc<WatcherSpec>,
     deps: Deps,
     status: StatusTx,
     cancel: CancellationToken,
-) {
-    let mut backoff = Backoff::new(RESTART_INITIAL, RESTART_MAX);
-    let mut carry = Carry::default();
-    loop {
-        let started = Instant::now();
-        // Its own task, so that a panic becomes a state rather than a dead supervisor.
-        let life = {
-            let (spec, deps, status, cancel) =
-                (spec.clone(), deps.clone(), status.clone(), cancel.clone());
-            // A panic loses what the life carried: the next one starts from the checkpoint.
-            let mut carry = std::mem::take(&mut carry);
-            tokio::spawn(
-                async move {
-                    let result =
-                        watchers::pipeline::run(spec, deps, status, cancel, &mut carry).await;
-                    (result, carry)
+    commands: mpsc::Receiver<Command>,
+    carry: Carry,
+}
+
+/// What to do after a life or a parked spell.
+enum Next {
+    Run,
+    Park(State, Option<String>),
+    Stop,
+}
+
+impl Task {
+    async fn supervise(mut self) {
+        let mut backoff = Backoff::new(RESTART_INITIAL, RESTART_MAX);
+        let mut next = Next::Run;
+        loop {
+            next = match next {
+                Next::Stop => {
+                    self.status.set(State::Stopped, None);
+                    info!("watcher stopped");
+                    return;
                 }
-                .in_current_span(),
-            )
-        };
-        let result = match life.await {
-            Ok((result, returned)) => {
-                carry = returned;
+                Next::Park(state, reason) => self.park(state, reason).await,
+                Next::Run => {
+                    let started = Instant::now();
+                    let result = self.life().await;
+                    if started.elapsed() > HEALTHY_LIFE {
+                        backoff.reset();
+                    }
+                    match result {
+                        Ok(Exit::Cancelled) => Next::Stop,
+                        Ok(Exit::StoredPaused) => {
+                            info!("the checkpoint says paused; staying paused");
+                            Next::Park(State::Paused, None)
+                        }
+                        Ok(Exit::Command(cmd)) => self.after_command(cmd).await,
+                        Err(_) if self.cancel.is_cancelled() => Next::Stop,
+                        Err(e) => self.after_error(e, &mut backoff).await,
+                    }
+                }
+            };
+        }
+    }
+
+    /// One life of the pipeline, in its own task so that a panic becomes a state.
+    async fn life(&mut self) -> Result<Exit, WatcherError> {
+        let (spec, deps, status, cancel) = (
+            self.spec.clone(),
+            self.deps.clone(),
+            self.status.clone(),
+            self.cancel.clone(),
+        );
+        // A panic loses what the life carried: the next one starts from the checkpoint.
+        let mut carry = std::mem::take(&mut self.carry);
+        let (tx, mut commands) = mpsc::channel(1);
+        std::mem::swap(&mut commands, &mut self.commands);
+        let life = tokio::spawn(
+            async move {
+                let result =
+                    watchers::pipeline::run(spec, deps, status, cancel, &mut carry, &mut commands)
+                        .await;
+                (result, carry, commands)
+            }
+            .in_current_span(),
+        );
+        drop(tx);
+        match life.await {
+            Ok((result, carry, commands)) => {
+                self.carry = carry;
+                self.commands = commands;
                 result
             }
             Err(join_error) => {
                 error!(error = %join_error, "watcher task panicked");
+                // The command receiver died with the task: the handle's senders now fail with
+                // `Gone`; the watcher keeps running without a control channel.
                 Err(WatcherError::Mongo(mongodb::error::Error::custom(format!(
                     "watcher task panicked: {join_error}"
                 ))))
             }
-        };
-        if cancel.is_cancelled() {
-            if let Err(e) = &result {
-                warn!(error = %e, "watcher stopped with an error during shutdown");
-            }
-            status.set(State::Stopped, None);
-            info!("watcher stopped");
-            return;
         }
-        if started.elapsed() > HEALTHY_LIFE {
-            backoff.reset();
-        }
-        let error = match result {
-            Ok(()) => {
-                status.set(State::Stopped, None);
-                return;
-            }
-            Err(e) => e,
-        };
+    }
+
+    async fn after_error(&mut self, error: WatcherError, backoff: &mut Backoff) -> Next {
         if matches!(error, WatcherError::Invalidated)
-            && spec.on_invalidate == OnInvalidate::Continue
+            && self.spec.on_invalidate == OnInvalidate::Continue
         {
             info!("change stream invalidated; continuing after it (on_invalidate: continue)");
-            status.restarted();
-            continue;
+            self.status.restarted();
+            return Next::Run;
         }
         if matches!(error, WatcherError::HistoryLost { .. })
-            && spec.on_history_lost == OnHistoryLost::RestartFromLatest
+            && self.spec.on_history_lost == OnHistoryLost::RestartFromLatest
         {
             error!(
                 error = %error,
                 "change stream history lost: events between the checkpoint and now are NOT \
                  delivered; restarting from latest (on_history_lost: restart_from_latest)"
             );
-            carry.start_latest = true;
-            status.restarted();
-            continue;
+            self.carry.start_override = Some(StartPosition::Latest);
+            self.status.restarted();
+            return Next::Run;
         }
-        if error.is_retryable() {
-            let delay = backoff.next_delay();
-            error!(error = %error, retry_in = ?delay, "watcher failed; restarting");
-            status.set(State::BackingOff, Some(error.to_string()));
-            status.restarted();
+        if !error.is_retryable() {
+            let state = error.state();
+            error!(error = %error, %state, "watcher stopped; it needs an operator");
+            return Next::Park(state, Some(error.to_string()));
+        }
+        let delay = backoff.next_delay();
+        error!(error = %error, retry_in = ?delay, "watcher failed; restarting");
+        self.status.set(State::BackingOff, Some(error.to_string()));
+        self.status.restarted();
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
             tokio::select! {
-                _ = cancel.cancelled() => {
-                    status.set(State::Stopped, None);
-                    return;
-                }
-                _ = tokio::time::sleep(delay) => {}
+                _ = self.cancel.cancelled() => return Next::Stop,
+                _ = &mut sleep => return Next::Run,
+                Some(cmd) = self.commands.recv() => match cmd {
+                    Command::Resume(reply) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    cmd => return self.after_command(cmd).await,
+                },
             }
-            continue;
         }
-        let state = error.state();
-        error!(error = %error, %state, "watcher stopped; it needs an operator");
-        status.set(state, Some(error.to_string()));
-        cancel.cancelled().await;
-        status.set(State::Stopped, None);
-        return;
     }
+
+    /// Carries out a pause or rewind after the pipeline flushed and checkpointed.
+    async fn after_command(&mut self, cmd: Command) -> Next {
+        match cmd {
+            Command::Pause(reply) => {
+                let result = self.persist_paused(true).await;
+                info!(action = "pause", "watcher paused");
+                let ok = result.is_ok();
+                let _ = reply.send(result);
+                if ok {
+                    Next::Park(State::Paused, None)
+                } else {
+                    Next::Run
+                }
+            }
+            Command::Resume(reply) => {
+                let _ = reply.send(Ok(()));
+                Next::Run
+            }
+            Command::Rewind(target, reply) => match self.rewind(&target, false).await {
+                Ok(()) => {
+                    let _ = reply.send(Ok(()));
+                    Next::Run
+                }
+                Err(e) => {
+                    warn!(error = %e, "rewind refused; the watcher keeps its position");
+                    let _ = reply.send(Err(e));
+                    Next::Run
+                }
+            },
+        }
+    }
+
+    /// Waits in `state` for an operator command or shutdown.
+    async fn park(&mut self, state: State, reason: Option<String>) -> Next {
+        self.status.update(|s| {
+            s.state = state;
+            s.reason = reason.clone();
+            s.paused = state == State::Paused;
+            s.caught_up = false;
+        });
+        loop {
+            let cmd = tokio::select! {
+                _ = self.cancel.cancelled() => return Next::Stop,
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => cmd,
+                    None => {
+                        self.cancel.cancelled().await;
+                        return Next::Stop;
+                    }
+                },
+            };
+            match cmd {
+                Command::Pause(reply) => {
+                    let result = self.persist_paused(true).await;
+                    let ok = result.is_ok();
+                    let _ = reply.send(result);
+                    if ok && state != State::Paused {
+                        return Next::Park(State::Paused, None);
+                    }
+                }
+                Command::Resume(reply) => {
+                    let result = self.persist_paused(false).await;
+                    let ok = result.is_ok();
+                    let _ = reply.send(result);
+                    if ok {
+                        info!(action = "resume", "watcher resuming from its checkpoint");
+                        return Next::Run;
+                    }
+                }
+                Command::Rewind(target, reply) => {
+                    let paused = state == State::Paused;
+                    let result = self.rewind(&target, paused).await;
+                    let ok = result.is_ok();
+                    let _ = reply.send(result);
+                    if ok && !paused {
+                        return Next::Run;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks that `target` can be reached, then makes it the watcher's next start: for a
+    /// running watcher through the next life (which stores it before reading), for a paused
+    /// one by storing it as the checkpoint, still paused.
+    async fn rewind(&mut self, target: &RewindTarget, paused: bool) -> Result<(), ControlError> {
+        let position = probe(&self.deps.mongo, &self.spec, target).await?;
+        info!(action = "rewind", target = %describe(target), paused, "rewind accepted");
+        if paused {
+            let checkpoint = match &position.1 {
+                StartPosition::After(token) => Checkpoint {
+                    token: Some(token.clone()),
+                    cluster_time: None,
+                    paused: true,
+                },
+                StartPosition::At(ts) => Checkpoint {
+                    token: None,
+                    cluster_time: Some(*ts),
+                    paused: true,
+                },
+                StartPosition::Latest => Checkpoint {
+                    token: position.0.clone(),
+                    cluster_time: None,
+                    paused: true,
+                },
+            };
+            if let Some(store) = &self.deps.checkpoints {
+                let revision = store
+                    .load(&self.spec.name)
+                    .await
+                    .map_err(|e| ControlError::Unavailable(e.to_string()))?
+                    .map(|s| s.revision);
+                store
+                    .save(&self.spec.name, revision, &checkpoint)
+                    .await
+                    .map_err(|e| ControlError::Unavailable(e.to_string()))?;
+            }
+            self.carry.position = checkpoint.token.clone();
+            if checkpoint.token.is_none() {
+                self.carry.start_override = Some(position.1);
+            }
+            return Ok(());
+        }
+        self.carry.start_override = Some(match (position.1, position.0) {
+            // Latest is pinned to the probed position so that nothing between the probe and
+            // the restart is skipped.
+            (StartPosition::Latest, Some(token)) => StartPosition::After(token),
+            (start, _) => start,
+        });
+        Ok(())
+    }
+
+    /// Stores the paused flag with the checkpoint, so a replaced task comes back paused.
+    async fn persist_paused(&self, paused: bool) -> Result<(), ControlError> {
+        self.status.update(|s| s.paused = paused);
+        let Some(store) = &self.deps.checkpoints else {
+            return Ok(());
+        };
+        if matches!(store.layout(), Layout::LegacyMarker { .. }) {
+            warn!("drop-in mode: the old marker cannot hold the paused flag; a restart resumes");
+            return Ok(());
+        }
+        let unavailable = |e: WatcherError| ControlError::Unavailable(e.to_string());
+        let stored = store.load(&self.spec.name).await.map_err(unavailable)?;
+        let Some(stored) = stored else {
+            return Ok(());
+        };
+        if stored.checkpoint.paused == paused {
+            return Ok(());
+        }
+        let checkpoint = Checkpoint {
+            paused,
+            ..stored.checkpoint
+        };
+        store
+            .save(&self.spec.name, Some(stored.revision), &checkpoint)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}
+
+fn describe(target: &RewindTarget) -> String {
+    match target {
+        RewindTarget::Latest => "latest".into(),
+        RewindTarget::Time(t) => t.try_to_rfc3339_string().unwrap_or_default(),
+        RewindTarget::Token(t) => t.clone().into_relaxed_extjson().to_string(),
+    }
+}
+
+/// Opens a throwaway change stream at the target to prove it exists, before the watcher
+/// gives up its position. Returns the stream's initial token and the start position.
+async fn probe(
+    client: &mongodb::Client,
+    spec: &WatcherSpec,
+    target: &RewindTarget,
+) -> Result<(Option<bson::Bson>, StartPosition), ControlError> {
+    let start = match target {
+        RewindTarget::Latest => StartPosition::Latest,
+        RewindTarget::Token(t) => {
+            if t.as_document().is_none_or(|d| d.is_empty()) {
+                return Err(ControlError::Invalid(
+                    "resume_token must be a non-empty object such as {\"_data\": \"...\"}".into(),
+                ));
+            }
+            StartPosition::After(t.clone())
+        }
+        RewindTarget::Time(t) => {
+            let ts = Timestamp {
+                time: (t.timestamp_millis().max(0) / 1000) as u32,
+                increment: 0,
+            };
+            // MongoDB answers 286 for a time before the oplog; some servers silently start at
+            // the oldest entry instead, so compare with the oldest entry ourselves.
+            if let Some(oldest) = oldest_oplog_time(client).await {
+                if ts < oldest {
+                    return Err(ControlError::Conflict(format!(
+                        "rewind target {} is older than the oplog window (oldest entry at {})",
+                        t.try_to_rfc3339_string().unwrap_or_default(),
+                        bson::DateTime::from_millis(i64::from(oldest.time) * 1000)
+                            .try_to_rfc3339_string()
+                            .unwrap_or_default()
+                    )));
+                }
+            }
+            StartPosition::At(ts)
+        }
+    };
+    match reader::open(client, spec, &start).await {
+        Ok(stream) => Ok((reader::current_token(&stream), start)),
+        Err(WatcherError::HistoryLost { message }) => Err(ControlError::Conflict(format!(
+            "rewind target is no longer in the oplog: {message}"
+        ))),
+        Err(WatcherError::Mongo(e)) => match e.kind.as_ref() {
+            mongodb::error::ErrorKind::Command(c) if [9, 260, 280].contains(&c.code) => {
+                Err(ControlError::Conflict(format!(
+                    "the server does not accept this resume token: {}",
+                    c.message
+                )))
+            }
+            _ => Err(ControlError::Unavailable(format!(
+                "cannot reach MongoDB: {e}"
+            ))),
+        },
+        Err(e) => Err(ControlError::Unavailable(e.to_string())),
+    }
+}
+
+/// Cluster time of the oldest oplog entry, where the server lets us read it.
+async fn oldest_oplog_time(client: &mongodb::Client) -> Option<Timestamp> {
+    let oldest = client
+        .database("local")
+        .collection::<Document>("oplog.rs")
+        .find_one(doc! {})
+        .sort(doc! {"$natural": 1})
+        .await
+        .ok()??;
+    oldest.get_timestamp("ts").ok()
 }

@@ -282,7 +282,7 @@ async fn mongodb_down_at_start_and_killed_mid_run() {
     let uri =
         format!("mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=2000");
     let cfg = format!(
-        "mongodb:\n  uri: \"{uri}\"\ncheckpoints:\n  table: {table}\ndefaults:\n  checkpoint_interval: 200ms\nwatchers:\n{}",
+        "mongodb:\n  uri: \"{uri}\"\nhttp:\n  listen: 127.0.0.1:0\ncheckpoints:\n  table: {table}\ndefaults:\n  checkpoint_interval: 200ms\nwatchers:\n{}",
         watcher_yaml("w", "db", "c", &s, "")
     );
     let mut w = Watcher::start(dir.path(), &cfg, &moto.endpoint());
@@ -370,7 +370,7 @@ async fn ssm_password_against_scram_auth() {
     let dir1 = tempfile::tempdir().unwrap();
     let cfg = |param: &str| {
         format!(
-            "mongodb:\n  uri: \"mongodb://127.0.0.1:{port}/?directConnection=true\"\n  username: app\n  password_ssm_parameter: {param}\nwatchers:\n{}",
+            "mongodb:\n  uri: \"mongodb://127.0.0.1:{port}/?directConnection=true\"\n  username: app\n  password_ssm_parameter: {param}\nhttp:\n  listen: 127.0.0.1:0\nwatchers:\n{}",
             watcher_yaml("w", "db", "c", &s, "")
         )
     };

@@ -254,6 +254,100 @@ pub fn http(port: u16, method: &str, path: &str, body: &str) -> String {
     body.to_owned()
 }
 
+/// An HTTP response as the tests see it.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: String,
+    pub body: String,
+}
+
+impl Response {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` with optional bearer token.
+pub fn request(port: u16, method: &str, path: &str, token: Option<&str>, body: &str) -> Response {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         {auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write request");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read response");
+    let out = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response: {out}"));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Response {
+        status,
+        headers: head.to_owned(),
+        body,
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Polls `GET path` until `done` holds for the response.
+pub fn wait_http(
+    port: u16,
+    path: &str,
+    timeout: Duration,
+    done: impl Fn(&Response) -> bool,
+) -> Response {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            let r = request(port, "GET", path, None, "");
+            if done(&r) {
+                return r;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "GET {path}: condition not met within {timeout:?}; last: {} {}",
+                    r.status, r.body
+                );
+            }
+        } else if Instant::now() > deadline {
+            panic!("nothing listens on {port} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Clients for moto and the names a test uses.
 pub struct Aws {
     pub kinesis: aws_sdk_kinesis::Client,
@@ -341,6 +435,31 @@ impl Aws {
         .send()
         .await
         .expect("create table");
+    }
+
+    /// The old Python tool's marker table: hash key `collectionName` (S).
+    pub async fn create_marker_table(&self, name: &str) {
+        self.dynamodb
+            .create_table()
+            .table_name(name)
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name("collectionName")
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .expect("key schema"),
+            )
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("collectionName")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("attribute"),
+            )
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await
+            .expect("create marker table");
     }
 
     /// Every record of every shard, in shard order, as (partition key, JSON).

@@ -5,7 +5,7 @@ use crate::status::State;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatcherError {
-    #[error("mongodb: {0}")]
+    #[error("mongodb: {}", summary(.0))]
     Mongo(#[from] mongodb::error::Error),
 
     #[error("change stream history lost: the resume point is no longer in the oplog ({message})")]
@@ -102,5 +102,16 @@ pub fn is_history_lost(error: &mongodb::error::Error) -> bool {
             message.contains("resume") && message.contains("not found")
         }
         _ => false,
+    }
+}
+
+/// A MongoDB error in one line an operator can read: the server's code, name and message for
+/// command errors (the driver's Display also dumps the raw reply), else the driver's text.
+pub fn summary(error: &mongodb::error::Error) -> String {
+    match error.kind.as_ref() {
+        mongodb::error::ErrorKind::Command(c) => {
+            format!("error {} ({}): {}", c.code, c.code_name, c.message)
+        }
+        _ => error.to_string(),
     }
 }

@@ -8,8 +8,10 @@
 pub mod ack;
 pub mod batch;
 pub mod checkpoint;
+pub mod control;
 pub mod error;
 pub mod kinesis;
+pub mod metrics;
 pub mod pipeline;
 pub mod reader;
 pub mod record;

@@ -17,8 +17,10 @@ use tracing::{debug, error, info, warn};
 use crate::ack::{AckTracker, Position};
 use crate::batch::{PendingRecord, Scheduler};
 use crate::checkpoint::{Checkpoint, CheckpointStore};
+use crate::control::Command;
 use crate::error::WatcherError;
 use crate::kinesis::{CallError, KinesisSink, RecordResult};
+use crate::metrics::{Metrics, WatcherMetrics};
 use crate::reader::{self, ReaderMsg, StartPosition};
 use crate::record::{self, MAX_RECORD_BYTES};
 use crate::retry::Backoff;
@@ -39,6 +41,19 @@ pub struct Deps {
     pub mongo: mongodb::Client,
     pub kinesis: aws_sdk_kinesis::Client,
     pub checkpoints: Option<CheckpointStore>,
+    pub metrics: Metrics,
+}
+
+/// How a life ended without an error.
+#[derive(Debug)]
+pub enum Exit {
+    /// Shutdown (the cancellation token fired).
+    Cancelled,
+    /// The stored checkpoint says paused: the stream was not opened.
+    StoredPaused,
+    /// An operator's pause or rewind: everything in flight was flushed and the checkpoint
+    /// written; the supervisor carries the command out and answers it.
+    Command(Command),
 }
 
 /// What one life of a watcher hands the next (the supervisor keeps it between lives).
@@ -46,9 +61,9 @@ pub struct Deps {
 pub struct Carry {
     /// The last ack frontier, used when there is no checkpoint table.
     pub position: Option<Bson>,
-    /// Start the next life at `latest`, ignoring the stored checkpoint (after history was lost
-    /// with `on_history_lost: restart_from_latest`, or a rewind to latest).
-    pub start_latest: bool,
+    /// Start the next life here, ignoring the stored checkpoint, and store it as the new
+    /// checkpoint before reading (history lost with `restart_from_latest`, or a rewind).
+    pub start_override: Option<StartPosition>,
 }
 
 /// Runs the watcher until `cancel` fires (Ok) or it fails (Err, with its state).
@@ -58,8 +73,10 @@ pub async fn run(
     status: StatusTx,
     cancel: CancellationToken,
     carry: &mut Carry,
-) -> Result<(), WatcherError> {
+    commands: &mut mpsc::Receiver<Command>,
+) -> Result<Exit, WatcherError> {
     status.set(State::Starting, None);
+    let metrics = deps.metrics.for_watcher(&spec.name);
     let mut cp = CheckpointState::default();
     let stored = match &deps.checkpoints {
         Some(store) => {
@@ -72,9 +89,13 @@ pub async fn run(
         cp.revision = Some(s.revision);
         cp.paused = s.checkpoint.paused;
     }
-    let start_latest = std::mem::take(&mut carry.start_latest);
+    let start_override = carry.start_override.take();
+    if start_override.is_none() && stored.as_ref().is_some_and(|s| s.checkpoint.paused) {
+        return Ok(Exit::StoredPaused);
+    }
+    cp.paused = false;
     let start = match (&stored, &carry.position) {
-        _ if start_latest => StartPosition::Latest,
+        _ if start_override.is_some() => start_override.clone().unwrap_or(StartPosition::Latest),
         (Some(s), _) => match (&s.checkpoint.token, s.checkpoint.cluster_time) {
             (Some(token), _) => StartPosition::After(token.clone()),
             (None, Some(ts)) => StartPosition::At(ts),
@@ -90,14 +111,12 @@ pub async fn run(
             StartAt::ResumeToken(t) => StartPosition::After(t.clone()),
         },
     };
-    let first_start = stored.is_none() || start_latest;
+    let first_start = stored.is_none() || start_override.is_some();
     info!(start = %start_label(&start), from_checkpoint = !first_start, "opening change stream");
     let stream = match reader::open(&deps.mongo, &spec, &start).await {
         Ok(stream) => stream,
         Err(e) => {
-            if start_latest {
-                carry.start_latest = true;
-            }
+            carry.start_override = start_override;
             return Err(e);
         }
     };
@@ -118,13 +137,18 @@ pub async fn run(
         }
         if let Some(store) = &deps.checkpoints {
             cp.write(store, &spec.name, &tracker, true).await?;
+            record_checkpoint(&status, &metrics);
         }
     }
 
     let (tx, rx) = mpsc::channel(READER_CHANNEL);
     let reader_cancel = cancel.child_token();
     let reader_task = tokio::spawn(reader::run(stream, tx, reader_cancel.clone()));
-    status.set(State::Running, None);
+    status.update(|s| {
+        s.state = State::Running;
+        s.reason = None;
+        s.paused = false;
+    });
     info!("watcher running");
 
     let mut pipeline = Pipeline {
@@ -143,25 +167,59 @@ pub async fn run(
         reader_idle: false,
         stop: None,
         fatal: false,
+        command: None,
+        metrics,
+        events_seen: 0,
     };
     let result = pipeline
-        .run_loop(rx, &cancel, &deps.checkpoints, &mut cp)
+        .run_loop(rx, &cancel, &deps.checkpoints, &mut cp, commands)
         .await;
     reader_cancel.cancel();
     let _ = reader_task.await;
     if let Some(p) = pipeline.tracker.frontier() {
         carry.position = Some(p.token.clone());
     }
+    pipeline.publish();
     // Final checkpoint: whatever is acknowledged, never more.
     if let Some(store) = &deps.checkpoints {
-        if let Err(e) = cp.write(store, &spec.name, &pipeline.tracker, false).await {
-            error!(error = %e, "final checkpoint write failed");
-            if result.is_ok() {
-                return Err(e);
+        match cp.write(store, &spec.name, &pipeline.tracker, false).await {
+            Ok(true) => record_checkpoint(&pipeline.status, &pipeline.metrics),
+            Ok(false) => {}
+            Err(e) => {
+                error!(error = %e, "final checkpoint write failed");
+                if result.is_ok() {
+                    if let Some(cmd) = pipeline.command.take() {
+                        answer(
+                            cmd,
+                            Err(crate::control::ControlError::Unavailable(e.to_string())),
+                        );
+                    }
+                    return Err(e);
+                }
             }
         }
     }
-    result
+    result?;
+    Ok(match pipeline.command.take() {
+        Some(cmd) => Exit::Command(cmd),
+        None => Exit::Cancelled,
+    })
+}
+
+fn record_checkpoint(status: &StatusTx, metrics: &WatcherMetrics) {
+    metrics.checkpoint_writes.inc();
+    status.update(|s| {
+        s.last_checkpoint_at = Some(bson::DateTime::now());
+        s.counters.checkpoint_writes += 1;
+    });
+}
+
+/// Answers a command that the pipeline cannot carry out itself.
+pub fn answer(cmd: Command, result: Result<(), crate::control::ControlError>) {
+    let reply = match cmd {
+        Command::Pause(r) | Command::Resume(r) | Command::Rewind(_, r) => r,
+    };
+    let _ = reply.send(result);
 }
 
 fn start_label(start: &StartPosition) -> String {
@@ -188,23 +246,25 @@ async fn operation_time(client: &mongodb::Client) -> Option<bson::Timestamp> {
 struct CheckpointState {
     revision: Option<u64>,
     paused: bool,
+    written_paused: bool,
     last_written: Option<Position>,
     /// A start position known only by time (no token yet).
     initial_time: Option<bson::Timestamp>,
 }
 
 impl CheckpointState {
-    /// Writes the frontier if it moved (or `force`); keeps the revision for the next write.
+    /// Writes the frontier if it moved, or the paused flag changed (or `force`); keeps the
+    /// revision for the next write. Returns whether it wrote.
     async fn write(
         &mut self,
         store: &CheckpointStore,
         watcher: &str,
         tracker: &AckTracker,
         force: bool,
-    ) -> Result<(), WatcherError> {
+    ) -> Result<bool, WatcherError> {
         let frontier = tracker.frontier();
-        if !force && frontier == self.last_written.as_ref() {
-            return Ok(());
+        if !force && frontier == self.last_written.as_ref() && self.paused == self.written_paused {
+            return Ok(false);
         }
         let checkpoint = match frontier {
             Some(p) => Checkpoint {
@@ -219,7 +279,7 @@ impl CheckpointState {
                     paused: self.paused,
                 },
                 // Nothing known yet; there is nothing to protect.
-                None => return Ok(()),
+                None => return Ok(false),
             },
         };
         let write = store.save(watcher, self.revision, &checkpoint);
@@ -236,7 +296,8 @@ impl CheckpointState {
         debug!(revision, "checkpoint written");
         self.revision = Some(revision);
         self.last_written = frontier.cloned();
-        Ok(())
+        self.written_paused = checkpoint.paused;
+        Ok(true)
     }
 }
 
@@ -262,6 +323,11 @@ struct Pipeline {
     stop: Option<Result<(), WatcherError>>,
     /// Stop sending (retries are exhausted); only wait for calls in flight.
     fatal: bool,
+    /// The operator command that stopped this life, answered by the supervisor.
+    command: Option<Command>,
+    metrics: WatcherMetrics,
+    /// Events read since the last status publication.
+    events_seen: u64,
 }
 
 impl Pipeline {
@@ -271,6 +337,7 @@ impl Pipeline {
         cancel: &CancellationToken,
         store: &Option<CheckpointStore>,
         cp: &mut CheckpointState,
+        commands: &mut mpsc::Receiver<Command>,
     ) -> Result<(), WatcherError> {
         let every = self.spec.checkpoint_interval;
         let mut tick = tokio::time::interval_at(Instant::now() + every, every);
@@ -301,6 +368,21 @@ impl Pipeline {
                     info!("stopping: flushing records in flight");
                     self.stop = Some(Ok(()));
                 }
+                Some(cmd) = commands.recv(), if self.stop.is_none() => match cmd {
+                    Command::Resume(reply) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    cmd => {
+                        if matches!(cmd, Command::Pause(_)) {
+                            info!("pausing: flushing records in flight");
+                            cp.paused = true;
+                        } else {
+                            info!("rewinding: flushing records in flight");
+                        }
+                        self.command = Some(cmd);
+                        self.stop = Some(Ok(()));
+                    }
+                },
                 Some((batch, result)) = self.inflight.next(), if !self.inflight.is_empty() => {
                     self.on_put_result(batch, result);
                 }
@@ -311,6 +393,7 @@ impl Pipeline {
                         if let Some(token) = token {
                             self.tracker.push_idle(token);
                         }
+                        self.publish();
                     }
                     Some(Err(e)) => {
                         warn!(error = %e, "change stream failed; flushing what was read");
@@ -327,9 +410,15 @@ impl Pipeline {
                 _ = sleep_until_opt(wake), if wake.is_some() => {}
                 _ = sleep_until_opt(drain_deadline), if drain_deadline.is_some() => {}
                 _ = tick.tick() => {
+                    self.publish();
                     if let Some(store) = store {
                         match cp.write(store, &self.spec.name, &self.tracker, false).await {
-                            Ok(()) => checkpoint_failures = 0,
+                            Ok(wrote) => {
+                                checkpoint_failures = 0;
+                                if wrote {
+                                    record_checkpoint(&self.status, &self.metrics);
+                                }
+                            }
                             Err(e @ WatcherError::CheckpointConflict { .. }) => {
                                 self.fatal = true;
                                 self.stop = Some(Err(e));
@@ -374,6 +463,8 @@ impl Pipeline {
             .get_str("operationType")
             .unwrap_or("unknown")
             .to_owned();
+        self.metrics.event(&operation);
+        self.events_seen += 1;
         let seq = self.tracker.push_event(position);
         if operation == "invalidate" {
             // Not data: everything before it is flushed, and the checkpoint may move past it
@@ -395,6 +486,8 @@ impl Pipeline {
                 OnOversized::Skip => {
                     warn!(%document_key, size, operation, "record over 1 MiB skipped (on_oversized: skip)");
                     self.tracker.ack(seq);
+                    self.metrics.skipped("oversized");
+                    self.status.update(|s| s.counters.records_skipped += 1);
                 }
                 OnOversized::Fail => {
                     error!(%document_key, size, operation, "record over 1 MiB; watcher stops (on_oversized: fail)");
@@ -445,8 +538,12 @@ impl Pipeline {
                 break;
             }
             let sink = self.sink.clone();
+            self.metrics.batch_records.observe(batch.len() as f64);
+            let timer = self.metrics.put_duration.clone();
             self.inflight.push(Box::pin(async move {
+                let started = std::time::Instant::now();
                 let result = sink.put(&batch).await;
+                timer.observe(started.elapsed().as_secs_f64());
                 (batch, result)
             }));
         }
@@ -462,12 +559,15 @@ impl Pipeline {
         result: Result<Vec<RecordResult>, CallError>,
     ) {
         let mut failures = 0usize;
+        let mut accepted = 0u64;
         let mut last_error = String::new();
         match result {
             Ok(results) => {
+                let mut codes: std::collections::HashMap<String, u64> = Default::default();
                 for (record, outcome) in batch.into_iter().zip(results) {
                     match outcome {
                         RecordResult::Accepted => {
+                            accepted += 1;
                             self.scheduler.ack(&record);
                             self.tracker.ack(record.seq);
                         }
@@ -477,19 +577,33 @@ impl Pipeline {
                         } => {
                             failures += 1;
                             last_error = format!("{error_code}: {message}");
+                            *codes.entry(error_code).or_default() += 1;
                             self.retry(record, &last_error);
                         }
                     }
+                }
+                for (code, n) in codes {
+                    self.metrics.failures(&code, n);
+                    self.metrics.retries(&code, n);
                 }
             }
             Err(call_error) => {
                 failures = batch.len();
                 last_error = call_error.to_string();
+                self.metrics.failures(&call_error.code, 1);
+                self.metrics
+                    .retries(&format!("call_{}", call_error.code), batch.len() as u64);
                 for record in batch {
                     self.retry(record, &last_error);
                 }
             }
         }
+        self.metrics.records_put.inc_by(accepted);
+        self.status.update(|s| {
+            s.counters.records_put += accepted;
+            s.counters.put_retries += failures as u64;
+        });
+        self.publish();
         if failures == 0 {
             self.backoff.reset();
             self.retry_at = None;
@@ -513,6 +627,23 @@ impl Pipeline {
                 )),
             );
         }
+    }
+
+    /// Publishes progress: events read, the newest acknowledged event time, caught up.
+    fn publish(&mut self) {
+        let events = std::mem::take(&mut self.events_seen);
+        let event_time = self
+            .tracker
+            .frontier_event_time()
+            .map(|ts| bson::DateTime::from_millis(i64::from(ts.time) * 1000));
+        let caught_up = self.tracker.outstanding() == 0 && self.reader_idle;
+        self.status.update(|s| {
+            s.counters.events += events;
+            if event_time.is_some() {
+                s.last_event_time = event_time;
+            }
+            s.caught_up = caught_up;
+        });
     }
 
     fn retry(&mut self, record: PendingRecord, last_error: &str) {

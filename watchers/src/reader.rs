@@ -126,7 +126,7 @@ async fn send(
 fn classify(error: mongodb::error::Error) -> WatcherError {
     if is_history_lost(&error) {
         WatcherError::HistoryLost {
-            message: error.to_string(),
+            message: crate::error::summary(&error),
         }
     } else {
         WatcherError::Mongo(error)

@@ -20,6 +20,27 @@ pub enum RecordFormat {
     Relaxed,
     /// Canonical Extended JSON v2 (every number typed).
     Canonical,
+    /// Byte for byte what the old Python tool wrote: `bson.json_util.dumps` of pymongo 3
+    /// (3.13) with its default options (`LEGACY_JSON_OPTIONS`), applied to an event that pymongo
+    /// 3 decoded with its default codec options. Kept for consumers that parse those records
+    /// and must not see a change when the tool is replaced.
+    ///
+    /// Not Extended JSON v2 and not always strict JSON: dates are `{"$date": <millis>}`
+    /// (negative before 1970), 64-bit integers plain numbers, doubles Python's `repr` (`1.0`,
+    /// `1e+16`, `1e-07`, and the bare tokens `NaN`, `Infinity`, `-Infinity`), binaries
+    /// `{"$binary": <base64>, "$type": "<2 hex digits>"}` except UUIDs (subtypes 3 and 4,
+    /// 16 bytes), which pymongo 3 decoded to `uuid.UUID` and wrote as `{"$uuid": <32 hex>}`,
+    /// regexes `{"$regex", "$options"}` with options reordered to `ilmsux` and others dropped,
+    /// symbols plain strings, undefined `null`, DBPointers `{"$ref", "$id"}`, and any embedded
+    /// document with a `$ref` key rewritten as a DBRef (`$ref`, `$id` (null if absent), `$db`
+    /// if set, then the other keys).
+    ///
+    /// Some values could not be decoded by pymongo 3 at all, so the old tool had no output to
+    /// match; they are written in the nearest form: dates outside years 1 to 9999 (still
+    /// `{"$date": <millis>}`), UUID-subtype binaries that are not 16 bytes (written as
+    /// `$binary`), and `$ref` documents whose `$ref` is not a string or `$db` neither a string
+    /// nor null (written as plain documents).
+    Legacy,
 }
 
 /// A dotted path into the event, such as `documentKey._id`.
@@ -100,6 +121,7 @@ pub fn encode(event: &Document, format: RecordFormat) -> Vec<u8> {
     let value = match format {
         RecordFormat::Relaxed => Bson::Document(event.clone()).into_relaxed_extjson(),
         RecordFormat::Canonical => Bson::Document(event.clone()).into_canonical_extjson(),
+        RecordFormat::Legacy => return encode_legacy(event),
     };
     let mut out = Vec::with_capacity(256);
     let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
@@ -140,17 +162,26 @@ impl serde_json::ser::Formatter for PythonFormatter {
         writer.write_all(b": ")
     }
 
+    /// Finite doubles as Python's `float.__repr__` (`1e-07`, not serde_json's `1e-7`);
+    /// non-finite ones never get here (Extended JSON writes them as `$numberDouble`).
+    fn write_f64<W: ?Sized + io::Write>(&mut self, writer: &mut W, value: f64) -> io::Result<()> {
+        let mut out = Vec::with_capacity(24);
+        write_py_float(&mut out, value);
+        writer.write_all(&out)
+    }
+
     fn write_string_fragment<W: ?Sized + io::Write>(
         &mut self,
         writer: &mut W,
         fragment: &str,
     ) -> io::Result<()> {
-        if fragment.is_ascii() {
+        if fragment.bytes().all(|b| (b' '..=b'~').contains(&b)) {
             return writer.write_all(fragment.as_bytes());
         }
         let mut buf = [0u16; 2];
         for c in fragment.chars() {
-            if c.is_ascii() {
+            // Python escapes DEL too; serde_json has already escaped the other controls.
+            if c.is_ascii() && c != '\u{7f}' {
                 writer.write_all(&[c as u8])?;
             } else {
                 for unit in c.encode_utf16(&mut buf) {
@@ -160,6 +191,314 @@ impl serde_json::ser::Formatter for PythonFormatter {
         }
         Ok(())
     }
+}
+
+/// [`RecordFormat::Legacy`]: pymongo 3's `json_util.dumps` in `json.dumps` layout. Written
+/// straight to bytes rather than through a `serde_json::Value` and [`PythonFormatter`]: a
+/// `Value` cannot hold NaN or the infinities, and serde_json writes non-finite floats as `null`
+/// without asking the formatter, while Python writes the bare tokens `NaN` and `Infinity`.
+fn encode_legacy(event: &Document) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    // pymongo turns only embedded documents into DBRefs, never the top-level one.
+    legacy_document(&mut out, event, false);
+    out
+}
+
+/// Writes a document; `embedded` documents with a `$ref` key are written as pymongo 3's
+/// DBRef (see [`dbref_fields`]).
+fn legacy_document(out: &mut Vec<u8>, doc: &Document, embedded: bool) {
+    let mut obj = PyObject::begin(out);
+    match embedded.then(|| dbref_fields(doc)).flatten() {
+        Some(fields) => {
+            for (key, value) in fields {
+                legacy_value(obj.key(key), value);
+            }
+        }
+        None => {
+            for (key, value) in doc {
+                legacy_value(obj.key(key), value);
+            }
+        }
+    }
+    obj.end();
+}
+
+/// pymongo 3 decodes an embedded document with a `$ref` key into a `bson.dbref.DBRef`, which
+/// `json_util` writes back as `$ref`, `$id` (`null` when absent), `$db` (only when set), then
+/// the other keys in their order. `None` where pymongo 3 would have refused the document
+/// (a `$ref` that is not a string, a `$db` neither string nor null): it is then written as is.
+fn dbref_fields(doc: &Document) -> Option<Vec<(&str, &Bson)>> {
+    const NULL: &Bson = &Bson::Null;
+    let collection = doc.get("$ref")?;
+    if !matches!(collection, Bson::String(_) | Bson::Symbol(_)) {
+        return None;
+    }
+    let database = match doc.get("$db") {
+        None | Some(Bson::Null | Bson::Undefined) => None,
+        Some(db @ (Bson::String(_) | Bson::Symbol(_))) => Some(db),
+        Some(_) => return None,
+    };
+    let mut fields = vec![
+        ("$ref", collection),
+        ("$id", doc.get("$id").unwrap_or(NULL)),
+    ];
+    if let Some(db) = database {
+        fields.push(("$db", db));
+    }
+    fields.extend(
+        doc.iter()
+            .filter(|(key, _)| !matches!(key.as_str(), "$ref" | "$id" | "$db"))
+            .map(|(key, value)| (key.as_str(), value)),
+    );
+    Some(fields)
+}
+
+/// One value as pymongo 3 decodes it (default `CodecOptions`: `dict`, naive datetimes,
+/// `PYTHON_LEGACY` UUIDs) and `json_util.default` with `LEGACY_JSON_OPTIONS` writes it.
+fn legacy_value(out: &mut Vec<u8>, value: &Bson) {
+    match value {
+        Bson::Double(v) => write_py_float(out, *v),
+        // Python 3 decodes the deprecated symbol type to `str`.
+        Bson::String(s) | Bson::Symbol(s) => write_py_str(out, s),
+        Bson::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.extend_from_slice(b", ");
+                }
+                legacy_value(out, item);
+            }
+            out.push(b']');
+        }
+        Bson::Document(doc) => legacy_document(out, doc, true),
+        Bson::Boolean(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        // Undefined decodes to `None`.
+        Bson::Null | Bson::Undefined => out.extend_from_slice(b"null"),
+        Bson::RegularExpression(re) => {
+            // Decoding keeps the options as `re` flag bits; dumps lists them in this order.
+            let options: String = "ilmsux"
+                .chars()
+                .filter(|c| re.options.as_str().contains(*c))
+                .collect();
+            let mut obj = PyObject::begin(out);
+            write_py_str(obj.key("$regex"), re.pattern.as_str());
+            write_py_str(obj.key("$options"), &options);
+            obj.end();
+        }
+        Bson::JavaScriptCode(code) => {
+            let mut obj = PyObject::begin(out);
+            write_py_str(obj.key("$code"), code);
+            obj.end();
+        }
+        Bson::JavaScriptCodeWithScope(cws) => {
+            let mut obj = PyObject::begin(out);
+            write_py_str(obj.key("$code"), &cws.code);
+            // The scope is decoded as a plain dict (the C decoder never makes it a DBRef).
+            legacy_document(obj.key("$scope"), &cws.scope, false);
+            obj.end();
+        }
+        Bson::Int32(v) => out.extend_from_slice(v.to_string().as_bytes()),
+        // `Int64` is an `int` subclass and legacy mode does not wrap it in `$numberLong`.
+        Bson::Int64(v) => out.extend_from_slice(v.to_string().as_bytes()),
+        Bson::Timestamp(ts) => {
+            let mut obj = PyObject::begin(out);
+            let mut inner = PyObject::begin(obj.key("$timestamp"));
+            inner
+                .key("t")
+                .extend_from_slice(ts.time.to_string().as_bytes());
+            inner
+                .key("i")
+                .extend_from_slice(ts.increment.to_string().as_bytes());
+            inner.end();
+            obj.end();
+        }
+        Bson::Binary(bin) => {
+            let subtype = u8::from(bin.subtype);
+            let mut obj = PyObject::begin(out);
+            if matches!(subtype, 3 | 4) && bin.bytes.len() == 16 {
+                // Both UUID subtypes decode to `uuid.UUID` (subtype 3 in PYTHON_LEGACY byte
+                // order, which is the stored order), and legacy dumps writes its hex.
+                write_py_str(obj.key("$uuid"), &hex(&bin.bytes));
+            } else {
+                write_py_str(obj.key("$binary"), &base64(&bin.bytes));
+                write_py_str(obj.key("$type"), &format!("{subtype:02x}"));
+            }
+            obj.end();
+        }
+        Bson::ObjectId(oid) => {
+            let mut obj = PyObject::begin(out);
+            write_py_str(obj.key("$oid"), &oid.to_hex());
+            obj.end();
+        }
+        Bson::DateTime(dt) => {
+            // Millisecond precision survives the trip through `datetime` exactly.
+            let mut obj = PyObject::begin(out);
+            obj.key("$date")
+                .extend_from_slice(dt.timestamp_millis().to_string().as_bytes());
+            obj.end();
+        }
+        // Both write the General Decimal Arithmetic scientific string (`1E+3`, `-0.00`, `NaN`).
+        Bson::Decimal128(d) => {
+            let mut obj = PyObject::begin(out);
+            write_py_str(obj.key("$numberDecimal"), &d.to_string());
+            obj.end();
+        }
+        Bson::MaxKey | Bson::MinKey => {
+            let key = if matches!(value, Bson::MaxKey) {
+                "$maxKey"
+            } else {
+                "$minKey"
+            };
+            let mut obj = PyObject::begin(out);
+            obj.key(key).push(b'1');
+            obj.end();
+        }
+        // Decoded as `DBRef(namespace, id)`. The bson crate keeps the fields private; its
+        // Extended JSON form is the way to read them.
+        Bson::DbPointer(ptr) => {
+            let json = Bson::DbPointer(ptr.clone()).into_relaxed_extjson();
+            let ptr = &json["$dbPointer"];
+            let mut obj = PyObject::begin(out);
+            write_py_str(obj.key("$ref"), ptr["$ref"].as_str().unwrap_or_default());
+            let mut id = PyObject::begin(obj.key("$id"));
+            write_py_str(
+                id.key("$oid"),
+                ptr["$id"]["$oid"].as_str().unwrap_or_default(),
+            );
+            id.end();
+            obj.end();
+        }
+    }
+}
+
+/// Writes a JSON object in Python layout: `{` on creation, `, ` between members, `": "`
+/// after each key, `}` on [`PyObject::end`].
+struct PyObject<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> PyObject<'a> {
+    fn begin(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self { out, first: true }
+    }
+
+    /// Writes the key and separator; the caller writes the value into the returned buffer.
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        if !std::mem::take(&mut self.first) {
+            self.out.extend_from_slice(b", ");
+        }
+        write_py_str(self.out, key);
+        self.out.extend_from_slice(b": ");
+        self.out
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// A string as `json.dumps` (`ensure_ascii=True`) writes it: the two-character escapes for
+/// `"`, `\`, `\n`, `\r`, `\t`, `\b`, `\f`, printable ASCII as is, and everything else,
+/// including DEL (0x7f), as lowercase `\uXXXX` UTF-16 units (surrogate pairs above U+FFFF).
+fn write_py_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let mut units = [0u16; 2];
+    for c in s.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            '\u{8}' => out.extend_from_slice(b"\\b"),
+            '\u{c}' => out.extend_from_slice(b"\\f"),
+            ' '..='~' => out.push(c as u8),
+            _ => {
+                for unit in c.encode_utf16(&mut units) {
+                    out.extend_from_slice(format!("\\u{unit:04x}").as_bytes());
+                }
+            }
+        }
+    }
+    out.push(b'"');
+}
+
+/// A double as `json.dumps` writes it, which is `float.__repr__` plus bare `NaN`,
+/// `Infinity` and `-Infinity`. `repr` takes the shortest digits that read back to the same
+/// double (as Rust's `{:e}` does) and writes them positionally when the decimal exponent is
+/// -4 to 15 (`0.0001`, `1000000000000000.0`, always with a fraction), otherwise as
+/// `d.ddde±XX` with at least two exponent digits (`1e-05`, `1e+16`, `5e-324`). serde_json
+/// differs there (`1e16`, `0.00001`, `1e-7`).
+fn write_py_float(out: &mut Vec<u8>, v: f64) {
+    if v.is_nan() {
+        return out.extend_from_slice(b"NaN");
+    }
+    if v.is_infinite() {
+        return out.extend_from_slice(if v > 0.0 { b"Infinity" } else { b"-Infinity" });
+    }
+    let sci = format!("{v:e}");
+    let parsed = sci
+        .split_once('e')
+        .and_then(|(mantissa, exp)| Some((mantissa, exp.parse::<i32>().ok()?)));
+    let Some((mantissa, exp)) = parsed else {
+        // `{:e}` of a finite double always has an exponent; keep some number regardless.
+        return out.extend_from_slice(format!("{v:?}").as_bytes());
+    };
+    if mantissa.starts_with('-') {
+        out.push(b'-');
+    }
+    let digits: Vec<u8> = mantissa.bytes().filter(u8::is_ascii_digit).collect();
+    if (-4..=15).contains(&exp) {
+        if exp >= 0 {
+            let int_len = exp.unsigned_abs() as usize + 1;
+            if digits.len() <= int_len {
+                out.extend_from_slice(&digits);
+                out.resize(out.len() + int_len - digits.len(), b'0');
+                out.extend_from_slice(b".0");
+            } else {
+                out.extend_from_slice(&digits[..int_len]);
+                out.push(b'.');
+                out.extend_from_slice(&digits[int_len..]);
+            }
+        } else {
+            out.extend_from_slice(b"0.");
+            out.resize(out.len() + exp.unsigned_abs() as usize - 1, b'0');
+            out.extend_from_slice(&digits);
+        }
+    } else {
+        let (first, rest) = digits.split_at(1.min(digits.len()));
+        out.extend_from_slice(first);
+        if !rest.is_empty() {
+            out.push(b'.');
+            out.extend_from_slice(rest);
+        }
+        let sign = if exp < 0 { '-' } else { '+' };
+        out.extend_from_slice(format!("e{sign}{:02}", exp.unsigned_abs()).as_bytes());
+    }
+}
+
+/// Standard base64 with padding, as Python's `base64.b64encode`.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                s.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
 }
 
 #[cfg(test)]
@@ -233,6 +572,43 @@ mod tests {
         assert_eq!(back["s"], "é😀");
     }
 
+    /// The examples in the README's "Record formats" section.
+    #[test]
+    fn readme_examples() {
+        let oid = ObjectId::parse_str("65a1b2c3d4e5f60718293a4b").unwrap();
+        let ev = doc! {
+            "_id": oid,
+            "at": bson::DateTime::from_millis(1_700_000_000_123),
+            "qty": 3,
+            "big": 9_007_199_254_740_993_i64,
+            "price": "9.99".parse::<bson::Decimal128>().unwrap(),
+            "name": "café",
+        };
+        let show = |f| String::from_utf8(encode(&ev, f)).unwrap();
+        assert_eq!(
+            show(RecordFormat::Relaxed),
+            r#"{"_id": {"$oid": "65a1b2c3d4e5f60718293a4b"}, "at": {"$date": "2023-11-14T22:13:20.123Z"}, "qty": 3, "big": 9007199254740993, "price": {"$numberDecimal": "9.99"}, "name": "caf\u00e9"}"#
+        );
+        assert_eq!(
+            show(RecordFormat::Canonical),
+            r#"{"_id": {"$oid": "65a1b2c3d4e5f60718293a4b"}, "at": {"$date": {"$numberLong": "1700000000123"}}, "qty": {"$numberInt": "3"}, "big": {"$numberLong": "9007199254740993"}, "price": {"$numberDecimal": "9.99"}, "name": "caf\u00e9"}"#
+        );
+        assert_eq!(
+            show(RecordFormat::Legacy),
+            r#"{"_id": {"$oid": "65a1b2c3d4e5f60718293a4b"}, "at": {"$date": 1700000000123}, "qty": 3, "big": 9007199254740993, "price": {"$numberDecimal": "9.99"}, "name": "caf\u00e9"}"#
+        );
+    }
+
+    #[test]
+    fn relaxed_floats_and_del_follow_python() {
+        let ev = doc! {"a": 1e-7, "b": 0.00001, "c": 1e16, "d": 1.5, "e": "x\u{7f}"};
+        let out = String::from_utf8(encode(&ev, RecordFormat::Relaxed)).unwrap();
+        assert_eq!(
+            out,
+            r#"{"a": 1e-07, "b": 1e-05, "c": 1e+16, "d": 1.5, "e": "x\u007f"}"#
+        );
+    }
+
     #[test]
     fn canonical_types_every_number() {
         let ev = doc! {"a": 1, "b": 2_i64};
@@ -240,6 +616,160 @@ mod tests {
         assert_eq!(
             out,
             r#"{"a": {"$numberInt": "1"}, "b": {"$numberLong": "2"}}"#
+        );
+    }
+
+    fn legacy(ev: &Document) -> String {
+        String::from_utf8(encode(ev, RecordFormat::Legacy)).expect("legacy output is ASCII")
+    }
+
+    fn py_float(v: f64) -> String {
+        let mut out = Vec::new();
+        write_py_float(&mut out, v);
+        String::from_utf8(out).unwrap()
+    }
+
+    fn regex(pattern: &str, options: &str) -> bson::Regex {
+        bson::Regex {
+            pattern: pattern.try_into().unwrap(),
+            options: options.try_into().unwrap(),
+        }
+    }
+
+    // Expected strings in the legacy tests were printed by pymongo 3.13 on Python 3.11.
+    #[test]
+    fn legacy_floats_are_python_repr() {
+        let cases = [
+            (1.0, "1.0"),
+            (1.5, "1.5"),
+            (-0.0, "-0.0"),
+            (0.0, "0.0"),
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (1234567890123456.7, "1234567890123456.8"),
+            (1e-7, "1e-07"),
+            (1.5e-7, "1.5e-07"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (0.1 + 0.2, "0.30000000000000004"),
+            (123456789.125, "123456789.125"),
+            (5e-324, "5e-324"),
+            (f64::MAX, "1.7976931348623157e+308"),
+            (-2.5e100, "-2.5e+100"),
+            (f64::NAN, "NaN"),
+            (f64::INFINITY, "Infinity"),
+            (f64::NEG_INFINITY, "-Infinity"),
+        ];
+        for (v, want) in cases {
+            assert_eq!(py_float(v), want, "{v:e}");
+        }
+    }
+
+    #[test]
+    fn legacy_strings_escape_like_json_dumps() {
+        let ev = doc! {"s": "é日本😀\u{7f}\u{1f}\"\\\n\t\u{8}\u{c}\r/"};
+        assert_eq!(
+            legacy(&ev),
+            r#"{"s": "\u00e9\u65e5\u672c\ud83d\ude00\u007f\u001f\"\\\n\t\b\f\r/"}"#
+        );
+    }
+
+    #[test]
+    fn legacy_scalars() {
+        let oid = ObjectId::parse_str("65a1b2c3d4e5f60718293a4b").unwrap();
+        let ev = doc! {
+            "oid": oid,
+            "epoch": bson::DateTime::from_millis(0),
+            "before": bson::DateTime::from_millis(-1),
+            "after": bson::DateTime::from_millis(1_704_164_645_678),
+            "i": 5,
+            "l": 4_611_686_018_427_387_904_i64,
+            "f": 1.0,
+            "nan": f64::NAN,
+            "ts": bson::Timestamp { time: 1_700_000_000, increment: 7 },
+            "re": regex("^a.b$", "xmisu"),
+            "re2": regex("a", "zmxia"),
+            "min": Bson::MinKey,
+            "max": Bson::MaxKey,
+            "code": Bson::JavaScriptCode("function(){}".into()),
+            "cws": bson::JavaScriptCodeWithScope { code: "f".into(), scope: doc! {"a": 1} },
+            "d": "1.50".parse::<bson::Decimal128>().unwrap(),
+            "sym": Bson::Symbol("abc".into()),
+            "und": Bson::Undefined,
+            "n": Bson::Null,
+            "t": true,
+        };
+        assert_eq!(
+            legacy(&ev),
+            concat!(
+                r#"{"oid": {"$oid": "65a1b2c3d4e5f60718293a4b"}, "epoch": {"$date": 0}, "#,
+                r#""before": {"$date": -1}, "after": {"$date": 1704164645678}, "i": 5, "#,
+                r#""l": 4611686018427387904, "f": 1.0, "nan": NaN, "#,
+                r#""ts": {"$timestamp": {"t": 1700000000, "i": 7}}, "#,
+                r#""re": {"$regex": "^a.b$", "$options": "imsux"}, "#,
+                r#""re2": {"$regex": "a", "$options": "imx"}, "#,
+                r#""min": {"$minKey": 1}, "max": {"$maxKey": 1}, "#,
+                r#""code": {"$code": "function(){}"}, "cws": {"$code": "f", "$scope": {"a": 1}}, "#,
+                r#""d": {"$numberDecimal": "1.50"}, "sym": "abc", "und": null, "n": null, "t": true}"#,
+            )
+        );
+    }
+
+    #[test]
+    fn legacy_binaries_and_uuids() {
+        use bson::{spec::BinarySubtype, Binary};
+        let bin = |subtype, bytes: &[u8]| {
+            Bson::Binary(Binary {
+                subtype,
+                bytes: bytes.to_vec(),
+            })
+        };
+        let ev = doc! {
+            "b0": bin(BinarySubtype::Generic, b"\x00\x01hi"),
+            "b4": bin(BinarySubtype::Uuid, b"0123456789abcdef"),
+            "b3": bin(BinarySubtype::UuidOld, b"0123456789abcdef"),
+            "b80": bin(BinarySubtype::UserDefined(0x80), b"x"),
+            "b2": bin(BinarySubtype::BinaryOld, b"old"),
+            "b5": bin(BinarySubtype::Md5, b"md5"),
+        };
+        assert_eq!(
+            legacy(&ev),
+            concat!(
+                r#"{"b0": {"$binary": "AAFoaQ==", "$type": "00"}, "#,
+                r#""b4": {"$uuid": "30313233343536373839616263646566"}, "#,
+                r#""b3": {"$uuid": "30313233343536373839616263646566"}, "#,
+                r#""b80": {"$binary": "eA==", "$type": "80"}, "#,
+                r#""b2": {"$binary": "b2xk", "$type": "02"}, "#,
+                r#""b5": {"$binary": "bWQ1", "$type": "05"}}"#,
+            )
+        );
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64(&[0xfb, 0xff, 0xbf]), "+/+/");
+    }
+
+    #[test]
+    fn legacy_embedded_ref_documents_become_dbrefs() {
+        let ev = doc! {
+            "$ref": "top",
+            "$id": 3,
+            "r1": {"$id": 1, "x": 2, "$ref": "c"},
+            "r2": {"x": 2, "$ref": "c", "$db": "d"},
+            "r3": [{"$db": Bson::Null, "$ref": "c"}],
+            "bad": {"$id": 1, "$ref": 5},
+            "cws": bson::JavaScriptCodeWithScope { code: "f".into(), scope: doc! {"$id": 1, "$ref": "c"} },
+        };
+        assert_eq!(
+            legacy(&ev),
+            concat!(
+                r#"{"$ref": "top", "$id": 3, "r1": {"$ref": "c", "$id": 1, "x": 2}, "#,
+                r#""r2": {"$ref": "c", "$id": null, "$db": "d", "x": 2}, "#,
+                r#""r3": [{"$ref": "c", "$id": null}], "bad": {"$id": 1, "$ref": 5}, "#,
+                r#""cws": {"$code": "f", "$scope": {"$id": 1, "$ref": "c"}}}"#,
+            )
         );
     }
 

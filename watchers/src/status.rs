@@ -3,10 +3,12 @@
 
 use std::fmt;
 
+use bson::DateTime;
 use tokio::sync::watch;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum State {
+    #[default]
     Starting,
     Running,
     Paused,
@@ -50,22 +52,50 @@ impl fmt::Display for State {
 }
 
 /// A snapshot of one watcher.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Status {
     pub state: State,
     /// Why the watcher is not running, in words an operator can act on.
     pub reason: Option<String>,
+    /// Paused by an operator (stored with the checkpoint).
+    pub paused: bool,
     /// Times the supervisor restarted this watcher after an error.
     pub restarts: u64,
+    /// Cluster time (as wall time) of the newest event acknowledged by Kinesis.
+    pub last_event_time: Option<DateTime>,
+    /// Nothing read is waiting for Kinesis and the last read came back empty.
+    pub caught_up: bool,
+    /// When the checkpoint was last written.
+    pub last_checkpoint_at: Option<DateTime>,
+    pub counters: Counters,
 }
 
-impl Default for Status {
-    fn default() -> Self {
-        Self {
-            state: State::Starting,
-            reason: None,
-            restarts: 0,
+/// Totals since the process started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub events: u64,
+    pub records_put: u64,
+    pub put_retries: u64,
+    pub records_skipped: u64,
+    pub checkpoint_writes: u64,
+}
+
+impl Status {
+    /// Wall clock minus the cluster time of the newest acknowledged event; 0 when caught up
+    /// or before the first event.
+    pub fn lag_seconds(&self, now: DateTime) -> f64 {
+        match self.last_event_time {
+            Some(t) if !self.caught_up => {
+                ((now.timestamp_millis() - t.timestamp_millis()).max(0) as f64) / 1000.0
+            }
+            _ => 0.0,
         }
+    }
+
+    /// Seconds since the last checkpoint write, if any.
+    pub fn checkpoint_age_seconds(&self, now: DateTime) -> Option<f64> {
+        self.last_checkpoint_at
+            .map(|t| ((now.timestamp_millis() - t.timestamp_millis()).max(0) as f64) / 1000.0)
     }
 }
 
@@ -88,6 +118,11 @@ impl StatusTx {
 
     pub fn restarted(&self) {
         self.0.send_modify(|s| s.restarts += 1);
+    }
+
+    /// Any other change, in one notification.
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        self.0.send_modify(f);
     }
 
     pub fn get(&self) -> Status {

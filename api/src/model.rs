@@ -1,0 +1,173 @@
+//! The JSON bodies of the API (their schemas are what `/openapi.json` publishes).
+
+use bson::DateTime;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use watchers::control::WatcherHandle;
+use watchers::status::{Counters, State};
+
+/// What a watcher is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WatcherState {
+    Starting,
+    Running,
+    Paused,
+    BackingOff,
+    HistoryLost,
+    Invalidated,
+    Failed,
+    Stopped,
+}
+
+impl From<State> for WatcherState {
+    // Exhaustive on purpose: a new watcher state does not compile until it is published here.
+    fn from(s: State) -> Self {
+        match s {
+            State::Starting => WatcherState::Starting,
+            State::Running => WatcherState::Running,
+            State::Paused => WatcherState::Paused,
+            State::BackingOff => WatcherState::BackingOff,
+            State::HistoryLost => WatcherState::HistoryLost,
+            State::Invalidated => WatcherState::Invalidated,
+            State::Failed => WatcherState::Failed,
+            State::Stopped => WatcherState::Stopped,
+        }
+    }
+}
+
+/// Totals since the process started.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CountersView {
+    pub events: u64,
+    pub records_put: u64,
+    pub put_retries: u64,
+    pub records_skipped: u64,
+    pub checkpoint_writes: u64,
+}
+
+impl From<Counters> for CountersView {
+    fn from(c: Counters) -> Self {
+        Self {
+            events: c.events,
+            records_put: c.records_put,
+            put_retries: c.put_retries,
+            records_skipped: c.records_skipped,
+            checkpoint_writes: c.checkpoint_writes,
+        }
+    }
+}
+
+/// One watcher: what it watches, where it writes, and how it is doing.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WatcherView {
+    pub name: String,
+    pub database: String,
+    pub collection: String,
+    /// The Kinesis stream.
+    pub stream: String,
+    pub state: WatcherState,
+    /// Why the watcher is not running, in words an operator can act on.
+    pub reason: Option<String>,
+    /// Paused by an operator.
+    pub paused: bool,
+    /// Cluster time of the newest event Kinesis acknowledged (RFC 3339).
+    #[schema(format = DateTime)]
+    pub last_event_time: Option<String>,
+    /// When the checkpoint was last written (RFC 3339).
+    #[schema(format = DateTime)]
+    pub last_checkpoint_at: Option<String>,
+    /// Wall clock minus `last_event_time`; 0 when caught up or before the first event.
+    pub lag_seconds: f64,
+    /// Times the supervisor restarted the watcher after an error.
+    pub restarts: u64,
+    pub counters: CountersView,
+}
+
+impl WatcherView {
+    pub fn new(handle: &WatcherHandle, now: DateTime) -> Self {
+        let status = handle.status();
+        let spec = &handle.spec;
+        Self {
+            name: spec.name.clone(),
+            database: spec.database.clone(),
+            collection: spec.collection.clone(),
+            stream: spec.stream.clone(),
+            state: status.state.into(),
+            lag_seconds: status.lag_seconds(now),
+            reason: status.reason,
+            paused: status.paused,
+            last_event_time: status.last_event_time.and_then(rfc3339),
+            last_checkpoint_at: status.last_checkpoint_at.and_then(rfc3339),
+            restarts: status.restarts,
+            counters: status.counters.into(),
+        }
+    }
+}
+
+pub(crate) fn rfc3339(t: DateTime) -> Option<String> {
+    t.try_to_rfc3339_string().ok()
+}
+
+/// `GET /watchers`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WatcherList {
+    /// In config order.
+    pub watchers: Vec<WatcherView>,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` or `unhealthy`.
+    pub status: HealthStatus,
+    /// Why the process is unhealthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The supervisor's last heartbeat (RFC 3339), when unhealthy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub last_heartbeat: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    Ok,
+    Unhealthy,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    pub status: ReadinessStatus,
+    /// The watchers that are neither running nor paused by an operator (empty when ready).
+    pub watchers: Vec<NotReady>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadinessStatus {
+    Ready,
+    NotReady,
+}
+
+/// A watcher that keeps the process from being ready.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NotReady {
+    pub name: String,
+    pub state: WatcherState,
+    pub reason: Option<String>,
+}
+
+/// `POST /watchers/{name}/rewind`: exactly one of `to` and `resume_token`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RewindRequest {
+    /// An RFC 3339 time in the past to replay from, or `latest` to skip to now.
+    #[schema(examples("2024-05-01T12:00:00Z", "latest"))]
+    pub to: Option<String>,
+    /// A change stream resume token (Extended JSON object) to replay after.
+    #[schema(value_type = Option<Object>, examples(json!({"_data": "826..."})))]
+    pub resume_token: Option<serde_json::Value>,
+}

@@ -1,0 +1,453 @@
+//! The control plane end to end: a real mongo-watcher process on SecantusDB and moto, driven
+//! over HTTP the way an operator with curl or a Prometheus server would.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bson::{doc, Document};
+use serde_json::json;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(60);
+const TOKEN: &str = "test-token-5521";
+
+fn ids_of(records: &[Record]) -> Vec<i64> {
+    records.iter().filter_map(Record::id).collect()
+}
+
+fn has_all(records: &[Record], ids: &[i64]) -> bool {
+    let got: HashSet<i64> = ids_of(records).into_iter().collect();
+    ids.iter().all(|i| got.contains(i))
+}
+
+fn count(records: &[Record], id: i64) -> usize {
+    ids_of(records).into_iter().filter(|i| *i == id).count()
+}
+
+struct Setup {
+    mongo: Mongo,
+    moto: Moto,
+    aws: Aws,
+    table: String,
+    stream: String,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    async fn new(mongo: Mongo) -> Self {
+        let moto = Moto::start();
+        let aws = Aws::new(&moto).await;
+        let table = unique("cps");
+        aws.create_checkpoint_table(&table).await;
+        let stream = unique("s");
+        aws.create_stream(&stream, 2).await;
+        Self {
+            mongo,
+            moto,
+            aws,
+            table,
+            stream,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn config(&self, watchers: &[String]) -> String {
+        config_yaml(&self.mongo, Some(&self.table), watchers)
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{}", self.port))
+    }
+
+    fn start(&self, watchers: &[String], token: Option<&str>) -> Watcher {
+        let mut env = vec![];
+        if let Some(t) = token {
+            env.push(("MONGO_WATCHER_API_TOKEN", t));
+        }
+        let w = Watcher::start_with_env(
+            self.dir.path(),
+            &self.config(watchers),
+            &self.moto.endpoint(),
+            &env,
+        );
+        wait_http(self.port, "/readyz", WAIT, |r| r.status == 200);
+        w
+    }
+
+    fn post(&self, path: &str, token: Option<&str>, body: &str) -> Response {
+        request(self.port, "POST", path, token, body)
+    }
+
+    fn state(&self, name: &str) -> serde_json::Value {
+        request(self.port, "GET", &format!("/watchers/{name}"), None, "").json()
+    }
+
+    async fn coll(&self) -> mongodb::Collection<Document> {
+        self.mongo
+            .client()
+            .await
+            .database("db")
+            .collection::<Document>("c")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_writes_survives_restart_and_resume_delivers_them() {
+    let s = Setup::new(Mongo::start()).await;
+    let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
+    let mut w = s.start(&watchers, Some(TOKEN));
+    let coll = s.coll().await;
+    insert_ids(&coll, [1]).await;
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[1]))
+        .await;
+
+    let r = s.post("/watchers/w/pause", Some(TOKEN), "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["state"], "paused");
+    assert_eq!(r.json()["paused"], true);
+    assert_eq!(
+        s.post("/watchers/w/pause", Some(TOKEN), "").status,
+        200,
+        "pause is idempotent"
+    );
+    let item = s.aws.checkpoint(&s.table, "w").await.unwrap();
+    assert_eq!(
+        item.get("paused").and_then(|v| v.as_bool().ok()),
+        Some(&true)
+    );
+    w.wait_for_log("action=\"pause\"", WAIT);
+
+    insert_ids(&coll, [2, 3]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !has_all(&s.aws.read_stream(&s.stream).await, &[2]),
+        "delivered while paused"
+    );
+    // A replaced process comes back paused, and paused counts as ready.
+    w.kill9();
+    w.restart();
+    wait_http(s.port, "/watchers/w", WAIT, |r| {
+        r.status == 200 && r.json()["state"] == "paused"
+    });
+    assert_eq!(request(s.port, "GET", "/readyz", None, "").status, 200);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!has_all(&s.aws.read_stream(&s.stream).await, &[2]));
+
+    let r = s.post("/watchers/w/resume", Some(TOKEN), "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        s.post("/watchers/w/resume", Some(TOKEN), "").status,
+        200,
+        "resume is idempotent"
+    );
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[1, 2, 3]))
+        .await;
+    wait_http(s.port, "/watchers/w", WAIT, |r| {
+        r.json()["state"] == "running"
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rewind_replays_from_a_time_skips_to_latest_and_refuses_bad_targets() {
+    let s = Setup::new(Mongo::start()).await;
+    let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
+    let _w = s.start(&watchers, Some(TOKEN));
+    let coll = s.coll().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1000)
+        .try_to_rfc3339_string()
+        .unwrap();
+    insert_ids(&coll, [1, 2, 3]).await;
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[1, 2, 3]))
+        .await;
+
+    // Replay from a time: everything after it arrives again (at least once).
+    let r = s.post(
+        "/watchers/w/rewind",
+        Some(TOKEN),
+        &json!({"to": before}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| (1..=3).all(|i| count(r, i) >= 2))
+        .await;
+
+    // Bad targets change nothing.
+    let future = json!({"to": "2999-01-01T00:00:00Z"}).to_string();
+    assert_eq!(
+        s.post("/watchers/w/rewind", Some(TOKEN), &future).status,
+        400
+    );
+    let ancient = json!({"to": "2001-01-01T00:00:00Z"}).to_string();
+    let r = s.post("/watchers/w/rewind", Some(TOKEN), &ancient);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("oplog"));
+    let bogus = json!({"resume_token": {"_data": "zz"}}).to_string();
+    assert_eq!(
+        s.post("/watchers/w/rewind", Some(TOKEN), &bogus).status,
+        409
+    );
+    insert_ids(&coll, [4]).await;
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[4]))
+        .await;
+
+    // Skip to latest while paused: what was written meanwhile is skipped, and the watcher
+    // stays paused at its new position.
+    assert_eq!(s.post("/watchers/w/pause", Some(TOKEN), "").status, 200);
+    insert_ids(&coll, [5, 6]).await;
+    let latest = json!({"to": "latest"}).to_string();
+    let r = s.post("/watchers/w/rewind", Some(TOKEN), &latest);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(s.state("w")["state"], "paused");
+    assert_eq!(s.post("/watchers/w/resume", Some(TOKEN), "").status, 200);
+    insert_ids(&coll, [7]).await;
+    let recs = s
+        .aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[7]))
+        .await;
+    assert_eq!(
+        count(&recs, 5) + count(&recs, 6),
+        0,
+        "rewind to latest replayed skipped writes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_history_lost_until_a_rewind_recovers_it() {
+    let s = Setup::new(Mongo::start_with(&["--oplog-max-entries", "10"])).await;
+    let client = s.mongo.client().await;
+    let coll = s.coll().await;
+    let mut stream = coll.watch().await.unwrap();
+    coll.insert_one(doc! {"_id": 0_i64}).await.unwrap();
+    let event = futures_util::StreamExt::next(&mut stream)
+        .await
+        .unwrap()
+        .unwrap();
+    let token = watchers::reader::from_resume_token(&event.id).unwrap();
+    let data = token
+        .as_document()
+        .unwrap()
+        .get_str("_data")
+        .unwrap()
+        .to_owned();
+    insert_ids(&coll, 100..140).await;
+    client
+        .database("admin")
+        .run_command(doc! {"secantusAdmin.pruneOplog": 1})
+        .await
+        .unwrap();
+    let extra = format!("    start_at: {{resume_token: {{_data: \"{data}\"}}}}\n");
+    let watchers = [
+        watcher_yaml("lost", "db", "c", &s.stream, &extra),
+        watcher_yaml("fine", "db", "other", &s.stream, ""),
+    ];
+    let _w = Watcher::start_with_env(
+        s.dir.path(),
+        &s.config(&watchers),
+        &s.moto.endpoint(),
+        &[("MONGO_WATCHER_API_TOKEN", TOKEN)],
+    );
+    let r = wait_http(s.port, "/readyz", WAIT, |r| {
+        r.status == 503 && r.body.contains("history_lost") && !r.body.contains("\"fine\"")
+    });
+    assert!(
+        r.body.contains("ChangeStreamHistoryLost") && !r.body.contains("RawDocumentBuf"),
+        "the reason is one readable line: {}",
+        r.body
+    );
+    let body = r.json();
+    let names: Vec<&str> = body["watchers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    assert_eq!(names, ["lost"], "only the broken watcher is named: {body}");
+    let r = s.post(
+        "/watchers/lost/rewind",
+        Some(TOKEN),
+        &json!({"to": "latest"}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_http(s.port, "/readyz", WAIT, |r| r.status == 200);
+    insert_ids(&coll, [7]).await;
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[7]))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_auth_changes_nothing() {
+    let s = Setup::new(Mongo::start()).await;
+    let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
+    // Without a token configured, mutations are refused with a hint.
+    let mut w = s.start(&watchers, None);
+    let r = s.post("/watchers/w/pause", None, "");
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("MONGO_WATCHER_API_TOKEN"));
+    assert_eq!(s.state("w")["state"], "running");
+    w.terminate();
+
+    let mut w = s.start(&watchers, Some(TOKEN));
+    for token in [None, Some("wrong"), Some("test-token-552")] {
+        let r = s.post("/watchers/w/pause", token, "");
+        assert_eq!(r.status, 401, "{token:?}: {}", r.body);
+        assert!(
+            r.headers.contains("www-authenticate: Bearer")
+                || r.headers.contains("WWW-Authenticate: Bearer"),
+            "{}",
+            r.headers
+        );
+        let r = s.post(
+            "/watchers/w/rewind",
+            token,
+            &json!({"to": "latest"}).to_string(),
+        );
+        assert_eq!(r.status, 401);
+    }
+    assert_eq!(s.state("w")["state"], "running");
+    let coll = s.coll().await;
+    insert_ids(&coll, [1]).await;
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[1]))
+        .await;
+    assert!(
+        !w.logs().contains("wrong"),
+        "a presented token reached the logs"
+    );
+    assert!(
+        !w.logs().contains(TOKEN),
+        "the configured token reached the logs"
+    );
+    w.terminate();
+}
+
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_traffic_and_a_real_prometheus_scrapes_them() {
+    let s = Setup::new(Mongo::start()).await;
+    let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
+    let _w = s.start(&watchers, Some(TOKEN));
+    let before = request(s.port, "GET", "/metrics", None, "").body;
+    let coll = s.coll().await;
+    insert_ids(&coll, 1..=5).await;
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[1, 2, 3, 4, 5]))
+        .await;
+    let after = wait_http(s.port, "/metrics", WAIT, |r| {
+        metric(&r.body, "mongo_watcher_records_put_total", "watcher=\"w\"") >= 5.0
+    })
+    .body;
+    let label = "operation=\"insert\",watcher=\"w\"";
+    assert_eq!(
+        metric(&after, "mongo_watcher_events_total", label)
+            - metric(&before, "mongo_watcher_events_total", label),
+        5.0
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "mongo_watcher_watcher_state",
+            "state=\"running\",watcher=\"w\""
+        ),
+        1.0
+    );
+    for family in [
+        "mongo_watcher_put_duration_seconds_bucket",
+        "mongo_watcher_batch_records_bucket",
+        "mongo_watcher_lag_seconds",
+        "mongo_watcher_checkpoint_age_seconds",
+        "mongo_watcher_checkpoint_writes_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        assert!(after.contains(family), "{family} missing");
+    }
+
+    // promtool accepts the exposition and the alert rules.
+    let promtool = which("promtool");
+    let dir = tempfile::tempdir().unwrap();
+    let exposition = dir.path().join("metrics.txt");
+    std::fs::write(&exposition, &after).unwrap();
+    let out = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&exposition).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("charts/mongo-watcher/files/alerts.yaml");
+    let out = std::process::Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A real Prometheus server scrapes mongo-watcher and answers a query about it.
+    let prom_port = free_port();
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n  - job_name: mongo-watcher\n    static_configs: [{{targets: ['127.0.0.1:{}']}}]\n",
+            s.port
+        ),
+    )
+    .unwrap();
+    let mut prom = std::process::Command::new(which("prometheus"))
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("tsdb").display()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start prometheus");
+    let query = "/api/v1/query?query=mongo_watcher_records_put_total%7Bwatcher%3D%22w%22%7D";
+    let r = wait_http(prom_port, query, WAIT, |r| {
+        r.status == 200
+            && r.json()["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v >= 5.0)
+    });
+    let _ = prom.kill();
+    let _ = prom.wait();
+    assert_eq!(r.json()["status"], "success");
+}
+
+fn which(tool: &str) -> std::path::PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
+        let p = std::path::Path::new(dir).join(tool);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{tool} not installed (scripts/test-setup installs the Debian package prometheus)");
+}

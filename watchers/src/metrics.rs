@@ -1,0 +1,208 @@
+//! Prometheus metrics of the pipelines, registered once per process and recorded once per
+//! batch. Gauges that depend on the wall clock (lag, checkpoint age, state) are set from each
+//! watcher's [`Status`](crate::status::Status) when scraped, so they keep moving even when a
+//! watcher is stuck.
+
+use prometheus::{
+    exponential_buckets, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+
+use crate::status::{State, Status};
+
+#[derive(Clone)]
+pub struct Metrics {
+    events: IntCounterVec,
+    records_put: IntCounterVec,
+    put_retries: IntCounterVec,
+    put_failures: IntCounterVec,
+    records_skipped: IntCounterVec,
+    checkpoint_writes: IntCounterVec,
+    put_duration: HistogramVec,
+    batch_records: HistogramVec,
+    lag: GaugeVec,
+    checkpoint_age: GaugeVec,
+    state: IntGaugeVec,
+    restarts: IntGaugeVec,
+}
+
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let histogram =
+            |name: &str, help: &str, buckets: Vec<f64>| -> prometheus::Result<HistogramVec> {
+                let h = HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(buckets),
+                    &["watcher"],
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let gauge = |name: &str, help: &str| -> prometheus::Result<GaugeVec> {
+            let g = GaugeVec::new(Opts::new(name, help), &["watcher"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "mongo_watcher_watcher_state",
+                "1 for the watcher's current state, 0 for the others",
+            ),
+            &["watcher", "state"],
+        )?;
+        registry.register(Box::new(state.clone()))?;
+        let restarts = IntGaugeVec::new(
+            Opts::new(
+                "mongo_watcher_watcher_restarts",
+                "Times the supervisor restarted the watcher after an error",
+            ),
+            &["watcher"],
+        )?;
+        registry.register(Box::new(restarts.clone()))?;
+        Ok(Self {
+            events: counter(registry, "mongo_watcher_events_total", "Change events read, by operation type", &["watcher", "operation"])?,
+            records_put: counter(registry, "mongo_watcher_records_put_total", "Records acknowledged by Kinesis", &["watcher"])?,
+            put_retries: counter(registry, "mongo_watcher_put_retries_total", "Records sent again, by reason (record error code or whole-call failure)", &["watcher", "reason"])?,
+            put_failures: counter(registry, "mongo_watcher_put_failures_total", "Records Kinesis rejected or calls that failed, by error code", &["watcher", "error_code"])?,
+            records_skipped: counter(registry, "mongo_watcher_records_skipped_total", "Events not delivered on purpose, by reason", &["watcher", "reason"])?,
+            checkpoint_writes: counter(registry, "mongo_watcher_checkpoint_writes_total", "Checkpoints written to DynamoDB", &["watcher"])?,
+            put_duration: histogram(
+                "mongo_watcher_put_duration_seconds",
+                "Duration of one PutRecords call",
+                exponential_buckets(0.005, 2.0, 14)?,
+            )?,
+            batch_records: histogram(
+                "mongo_watcher_batch_records",
+                "Records per PutRecords call",
+                vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0],
+            )?,
+            lag: gauge("mongo_watcher_lag_seconds", "Wall clock minus the cluster time of the newest acknowledged event; 0 when caught up")?,
+            checkpoint_age: gauge("mongo_watcher_checkpoint_age_seconds", "Seconds since the checkpoint was last written")?,
+            state,
+            restarts,
+        })
+    }
+
+    /// The handles one watcher records into.
+    pub fn for_watcher(&self, watcher: &str) -> WatcherMetrics {
+        WatcherMetrics {
+            watcher: watcher.to_owned(),
+            metrics: self.clone(),
+            records_put: self.records_put.with_label_values(&[watcher]),
+            checkpoint_writes: self.checkpoint_writes.with_label_values(&[watcher]),
+            put_duration: self.put_duration.with_label_values(&[watcher]),
+            batch_records: self.batch_records.with_label_values(&[watcher]),
+        }
+    }
+
+    /// Sets the clock-dependent gauges from a watcher's status (call before encoding).
+    pub fn observe_status(&self, watcher: &str, status: &Status, now: bson::DateTime) {
+        self.lag
+            .with_label_values(&[watcher])
+            .set(status.lag_seconds(now));
+        if let Some(age) = status.checkpoint_age_seconds(now) {
+            self.checkpoint_age.with_label_values(&[watcher]).set(age);
+        }
+        for s in State::ALL {
+            self.state
+                .with_label_values(&[watcher, s.as_str()])
+                .set(i64::from(s == status.state));
+        }
+        self.restarts
+            .with_label_values(&[watcher])
+            .set(status.restarts as i64);
+    }
+}
+
+#[derive(Clone)]
+pub struct WatcherMetrics {
+    watcher: String,
+    metrics: Metrics,
+    pub records_put: IntCounter,
+    pub checkpoint_writes: IntCounter,
+    pub put_duration: Histogram,
+    pub batch_records: Histogram,
+}
+
+impl WatcherMetrics {
+    pub fn event(&self, operation: &str) {
+        self.metrics
+            .events
+            .with_label_values(&[&self.watcher, operation])
+            .inc();
+    }
+
+    pub fn retries(&self, reason: &str, n: u64) {
+        self.metrics
+            .put_retries
+            .with_label_values(&[&self.watcher, reason])
+            .inc_by(n);
+    }
+
+    pub fn failures(&self, error_code: &str, n: u64) {
+        self.metrics
+            .put_failures
+            .with_label_values(&[&self.watcher, error_code])
+            .inc_by(n);
+    }
+
+    pub fn skipped(&self, reason: &str) {
+        self.metrics
+            .records_skipped
+            .with_label_values(&[&self.watcher, reason])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_and_encodes_every_family() {
+        let registry = Registry::new();
+        let m = Metrics::register(&registry).unwrap();
+        let w = m.for_watcher("orders");
+        w.event("insert");
+        w.records_put.inc_by(3);
+        w.retries("ProvisionedThroughputExceededException", 2);
+        w.failures("ProvisionedThroughputExceededException", 2);
+        w.skipped("oversized");
+        w.checkpoint_writes.inc();
+        w.put_duration.observe(0.02);
+        w.batch_records.observe(3.0);
+        let status = Status {
+            state: State::Running,
+            ..Status::default()
+        };
+        m.observe_status("orders", &status, bson::DateTime::now());
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap();
+        for family in [
+            "mongo_watcher_events_total{operation=\"insert\",watcher=\"orders\"} 1",
+            "mongo_watcher_records_put_total{watcher=\"orders\"} 3",
+            "mongo_watcher_put_retries_total",
+            "mongo_watcher_put_failures_total",
+            "mongo_watcher_records_skipped_total{reason=\"oversized\",watcher=\"orders\"} 1",
+            "mongo_watcher_checkpoint_writes_total{watcher=\"orders\"} 1",
+            "mongo_watcher_put_duration_seconds_bucket",
+            "mongo_watcher_batch_records_bucket",
+            "mongo_watcher_lag_seconds{watcher=\"orders\"} 0",
+            "mongo_watcher_watcher_state{state=\"running\",watcher=\"orders\"} 1",
+            "mongo_watcher_watcher_state{state=\"failed\",watcher=\"orders\"} 0",
+        ] {
+            assert!(text.contains(family), "{family} missing in\n{text}");
+        }
+    }
+}
