@@ -271,8 +271,8 @@ async fn mongo_client(
     }
     options.app_name = Some("mongo-watcher".into());
     // Each open change stream holds a connection while its getMore waits; a pool smaller than
-    // the watcher count makes streams queue for connections (40 streams took ~36 s to open
-    // with the default pool of 10).
+    // the watcher count makes streams queue for connections. benches/ measures the start-up
+    // of 1, 10 and 40 watchers with this sizing.
     options.max_pool_size = Some((watchers as u32).saturating_add(8).max(10));
     mongodb::Client::with_options(options)
         .map_err(|e| anyhow::anyhow!(redact(e.to_string())))

@@ -451,3 +451,29 @@ fn which(tool: &str) -> std::path::PathBuf {
     }
     panic!("{tool} not installed (scripts/test-setup installs the Debian package prometheus)");
 }
+
+/// The API token can come from SSM (`http.api_token_ssm_parameter`), decrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_token_from_ssm() {
+    let s = Setup::new(Mongo::start()).await;
+    s.aws
+        .ssm
+        .put_parameter()
+        .name("/test/api/token")
+        .value("ssm-api-token-9090")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .expect("put parameter");
+    let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
+    let cfg = s.config(&watchers).replace(
+        "http:\n",
+        "http:\n  api_token_ssm_parameter: /test/api/token\n",
+    );
+    let w = Watcher::start(s.dir.path(), &cfg, &s.moto.endpoint());
+    wait_http(s.port, "/readyz", WAIT, |r| r.status == 200);
+    assert_eq!(s.post("/watchers/w/pause", Some("nope"), "").status, 401);
+    let r = s.post("/watchers/w/pause", Some("ssm-api-token-9090"), "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!w.logs().contains("ssm-api-token-9090"));
+}
