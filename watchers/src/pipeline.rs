@@ -126,6 +126,9 @@ pub async fn run(
         // Resolve the start once and store it before reading anything, so that a crash before
         // the first acknowledged batch restarts here rather than at a later `latest`.
         let initial = match (&start, reader::current_token(&stream)) {
+            // A start at a time is stored as that time: a server may report a token past
+            // events it has not returned yet, and a crash must replay them.
+            (StartPosition::At(_), _) => None,
             (_, Some(token)) => Some(token),
             (StartPosition::After(token), None) => Some(token.clone()),
             _ => None,
