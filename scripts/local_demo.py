@@ -182,7 +182,7 @@ def run(children, once):
     start_server(children, "secantusd", [VENV_BIN / "secantusd-py", "--host", "127.0.0.1",
                  "--port", str(mongo_port), "--storage-path", ":memory:",
                  "--enable-test-commands"], mongo_port)
-    start_server(children, "moto", [VENV_BIN / "moto_server", "-H", "127.0.0.1",
+    start_server(children, "moto", [VENV_BIN / "python", ROOT / "tests/support/moto_server.py", "-H", "127.0.0.1",
                  "-p", str(moto_port)], moto_port)
 
     # The environment of mongo-watcher (and of boto3 here); nothing from the user's real AWS

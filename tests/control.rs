@@ -3,28 +3,13 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use bson::{doc, Document};
 use serde_json::json;
 use support::*;
 
-const WAIT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "test-token-5521";
-
-fn ids_of(records: &[Record]) -> Vec<i64> {
-    records.iter().filter_map(Record::id).collect()
-}
-
-fn has_all(records: &[Record], ids: &[i64]) -> bool {
-    let got: HashSet<i64> = ids_of(records).into_iter().collect();
-    ids.iter().all(|i| got.contains(i))
-}
-
-fn count(records: &[Record], id: i64) -> usize {
-    ids_of(records).into_iter().filter(|i| *i == id).count()
-}
 
 struct Setup {
     mongo: Mongo,

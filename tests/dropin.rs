@@ -11,8 +11,6 @@ use bson::{doc, Bson, Document};
 use futures_util::StreamExt;
 use support::*;
 
-const WAIT: Duration = Duration::from_secs(60);
-
 fn marker_token(item: &HashMap<String, AttributeValue>) -> String {
     let id = item.get("_id").expect("marker has _id");
     let map = id.as_m().expect("_id is a map, as the old tool wrote it");

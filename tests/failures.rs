@@ -4,24 +4,12 @@
 
 mod support;
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use aws_sdk_ssm::types::ParameterType;
 use bson::{doc, Bson, Document};
 use futures_util::StreamExt;
 use support::*;
-
-const WAIT: Duration = Duration::from_secs(60);
-
-fn ids_of(records: &[Record]) -> Vec<i64> {
-    records.iter().filter_map(Record::id).collect()
-}
-
-fn has_all(records: &[Record], ids: &[i64]) -> bool {
-    let got: HashSet<i64> = ids_of(records).into_iter().collect();
-    ids.iter().all(|i| got.contains(i))
-}
 
 /// A resume token for a point in `coll`'s history, taken with the driver.
 async fn token_before_insert(coll: &mongodb::Collection<Document>, id: i64) -> Bson {

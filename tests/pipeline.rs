@@ -32,17 +32,6 @@ async fn env() -> Env {
     }
 }
 
-fn ids_of(records: &[Record]) -> Vec<i64> {
-    records.iter().filter_map(Record::id).collect()
-}
-
-fn has_all(records: &[Record], ids: &[i64]) -> bool {
-    let got: HashSet<i64> = ids_of(records).into_iter().collect();
-    ids.iter().all(|i| got.contains(i))
-}
-
-const WAIT: Duration = Duration::from_secs(60);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watchers_deliver_every_operation_to_their_own_streams() {
     let e = env().await;
@@ -425,7 +414,12 @@ async fn no_loss_over_repeated_kill9_under_load() {
         .database("db")
         .collection::<Document>("c");
     e.proxy.rules(json!({"fail_record_rate": 0.05, "seed": 3}));
-    let mut w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
+    let mut w = Watcher::start_with_env(
+        e.dir.path(),
+        &cfg,
+        &e.proxy.endpoint(),
+        &[("RUST_LOG", "info,watchers=trace")],
+    );
     e.aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
     let writer = {
         let coll = coll.clone();
@@ -453,7 +447,7 @@ async fn no_loss_over_repeated_kill9_under_load() {
     let all: Vec<i64> = (0..written).collect();
     let recs = e
         .aws
-        .wait_for_records(&stream, Duration::from_secs(120), |r| has_all(r, &all))
+        .wait_for_ids(&stream, &all, Duration::from_secs(180))
         .await;
     assert!(ids_of(&recs).len() >= written as usize);
 }

@@ -20,6 +20,24 @@ use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
 use bson::{doc, Document};
 
 pub const REGION: &str = "us-east-1";
+/// How long an end-to-end condition may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// `documentKey._id` of every record that has an integer one, in stream order.
+pub fn ids_of(records: &[Record]) -> Vec<i64> {
+    records.iter().filter_map(Record::id).collect()
+}
+
+/// Whether every id in `ids` is among the records.
+pub fn has_all(records: &[Record], ids: &[i64]) -> bool {
+    let got: std::collections::HashSet<i64> = ids_of(records).into_iter().collect();
+    ids.iter().all(|i| got.contains(i))
+}
+
+/// How many records carry `id`.
+pub fn count(records: &[Record], id: i64) -> usize {
+    ids_of(records).into_iter().filter(|i| *i == id).count()
+}
 
 pub fn venv_bin() -> PathBuf {
     match std::env::var_os("MW_VENV_BIN") {
@@ -155,7 +173,11 @@ pub struct Moto {
 impl Moto {
     pub fn start() -> Self {
         let port = free_port();
-        let mut child = Command::new(venv_bin().join("moto_server"))
+        // Through the shim that makes moto's Kinesis safe for concurrent PutRecords (see
+        // tests/support/moto_server.py): without it moto itself loses records.
+        let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/moto_server.py");
+        let mut child = Command::new(venv_bin().join("python"))
+            .arg(shim)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -533,6 +555,28 @@ impl Aws {
                     records.iter().take(20).map(|r| &r.json).collect::<Vec<_>>()
                 );
             }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Polls until every id in `ids` is in the stream; on timeout names the missing ones.
+    pub async fn wait_for_ids(&self, stream: &str, ids: &[i64], timeout: Duration) -> Vec<Record> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let records = self.read_stream(stream).await;
+            let got: std::collections::HashSet<i64> = ids_of(&records).into_iter().collect();
+            let missing: Vec<i64> = ids.iter().filter(|i| !got.contains(i)).copied().collect();
+            if missing.is_empty() {
+                return records;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stream {stream}: {} of {} ids missing after {timeout:?} ({} records read); first missing: {:?}",
+                missing.len(),
+                ids.len(),
+                records.len(),
+                &missing[..missing.len().min(20)]
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }

@@ -296,7 +296,15 @@ impl CheckpointState {
                 })
             }
         };
-        debug!(revision, "checkpoint written");
+        debug!(
+            revision,
+            token = %checkpoint
+                .token
+                .as_ref()
+                .map(|t| t.clone().into_relaxed_extjson().to_string())
+                .unwrap_or_default(),
+            "checkpoint written"
+        );
         self.revision = Some(revision);
         self.last_written = frontier.cloned();
         self.written_paused = checkpoint.paused;
@@ -392,6 +400,13 @@ impl Pipeline {
                 msg = rx.recv(), if can_read => match msg {
                     Some(Ok(ReaderMsg::Event(event))) => self.on_event(event),
                     Some(Ok(ReaderMsg::Idle(token))) => {
+                        tracing::trace!(
+                            token = %token
+                                .as_ref()
+                                .map(|t| t.clone().into_relaxed_extjson().to_string())
+                                .unwrap_or_default(),
+                            "idle"
+                        );
                         self.reader_idle = true;
                         if let Some(token) = token {
                             self.tracker.push_idle(token);
@@ -469,6 +484,14 @@ impl Pipeline {
         self.metrics.event(&operation);
         self.events_seen += 1;
         let seq = self.tracker.push_event(position);
+        tracing::trace!(
+            seq,
+            document_key = %event
+                .get("documentKey")
+                .map(|k| k.clone().into_relaxed_extjson().to_string())
+                .unwrap_or_default(),
+            "event read"
+        );
         if operation == "invalidate" {
             // Not data: everything before it is flushed, and the checkpoint may move past it
             // so that a restart with `startAfter` continues on the new collection.
@@ -570,6 +593,7 @@ impl Pipeline {
                 for (record, outcome) in batch.into_iter().zip(results) {
                     match outcome {
                         RecordResult::Accepted => {
+                            tracing::trace!(seq = record.seq, "acknowledged");
                             accepted += 1;
                             self.scheduler.ack(&record);
                             self.tracker.ack(record.seq);
