@@ -8,7 +8,8 @@
 //!
 //! Sizes: `BENCH_DOCS` (5000) documents for the many-keys and old-model runs, `BENCH_HOT` (300)
 //! updates of one document, `BENCH_STARTUP` (`1,10,40`) watcher counts, `BENCH_SHARDS` (4)
-//! shards of the many-keys and old-model streams.
+//! shards of the many-keys and old-model streams, `BENCH_POLL_MS` (20) how often the bench
+//! polls for the end of a timed run.
 //!
 //! Run without `--bench` (as `cargo test --all-targets` does), it prints a note and exits.
 
@@ -28,9 +29,16 @@ use support::*;
 
 /// Longest any one wait may take before the bench gives up with a message.
 const WAIT: Duration = Duration::from_secs(120);
-/// How often the bench looks for the condition it times.
-const POLL: Duration = Duration::from_millis(20);
+/// Bearer token of the watchers' control plane (the hot-key and backlog runs pause and resume).
 const TOKEN: &str = "bench-token";
+/// How often the bench reads a stream while records are still unacknowledged.
+const TAIL_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the bench asks a watcher how many records Kinesis acknowledged (`BENCH_POLL_MS`,
+/// default 20).
+fn poll_interval() -> Duration {
+    Duration::from_millis(env_usize("BENCH_POLL_MS", 20) as u64)
+}
 
 fn env_usize(name: &str, default: usize) -> usize {
     match std::env::var(name) {
@@ -92,12 +100,13 @@ fn metric(port: u16, name: &str, watcher: &str) -> f64 {
         .sum()
 }
 
-/// PutRecords calls, records in them, and seconds spent in them, so far.
+/// PutRecords calls, records in them, seconds spent in them, and records acknowledged, so far.
 #[derive(Clone, Copy, Default)]
 struct Calls {
     calls: f64,
     records: f64,
     seconds: f64,
+    acked: f64,
 }
 
 impl Calls {
@@ -106,6 +115,7 @@ impl Calls {
             calls: metric(port, "mongo_watcher_batch_records_count", watcher),
             records: metric(port, "mongo_watcher_batch_records_sum", watcher),
             seconds: metric(port, "mongo_watcher_put_duration_seconds_sum", watcher),
+            acked: metric(port, "mongo_watcher_records_put_total", watcher),
         }
     }
 
@@ -114,6 +124,7 @@ impl Calls {
             calls: self.calls - before.calls,
             records: self.records - before.records,
             seconds: self.seconds - before.seconds,
+            acked: self.acked - before.acked,
         }
     }
 }
@@ -175,19 +186,37 @@ impl Tail {
         self.records.len()
     }
 
-    /// Polls until at least `n` records are readable; returns when that was seen.
-    async fn wait_for(&mut self, aws: &Aws, n: usize, what: &str) -> Instant {
+    /// Waits until at least `n` records are readable; returns when the bench saw the last one.
+    ///
+    /// moto is one Python process that the watcher also needs, so the bench does not hammer
+    /// it: it asks the watcher's `/metrics` (on `port`) every `BENCH_POLL_MS` how many records
+    /// Kinesis has acknowledged, reads the stream when that reaches `acked_before + n`, and
+    /// otherwise only every [`TAIL_EVERY`] to keep the final read short.
+    async fn wait_for(
+        &mut self,
+        aws: &Aws,
+        n: usize,
+        port: u16,
+        watcher: &str,
+        acked_before: f64,
+    ) -> Instant {
         let deadline = Instant::now() + WAIT;
+        let mut last_read = Instant::now();
         loop {
-            if self.poll(aws).await >= n {
-                return Instant::now();
+            let acked = metric(port, "mongo_watcher_records_put_total", watcher) - acked_before;
+            if acked >= n as f64 || last_read.elapsed() >= TAIL_EVERY {
+                if self.poll(aws).await >= n {
+                    return Instant::now();
+                }
+                last_read = Instant::now();
             }
             assert!(
                 Instant::now() < deadline,
-                "{what}: only {} of {n} records readable in Kinesis after {WAIT:?}",
+                "watcher {watcher}: only {} of {n} records readable in Kinesis ({acked} \
+                 acknowledged) after {WAIT:?}",
                 self.records.len()
             );
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(poll_interval()).await;
         }
     }
 
@@ -256,7 +285,7 @@ async fn startup(e: &Env, n: usize, stream: &str) -> Startup {
             started.elapsed() < WAIT,
             "start-up of {n} watchers: only {stored} checkpoints after {WAIT:?}"
         );
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(poll_interval()).await;
     }
     let all = started.elapsed();
     Startup {
@@ -303,40 +332,78 @@ async fn watch(
     (w, port, dir)
 }
 
-/// `docs` inserts with distinct `_id`s written by a concurrent writer in `insert_many` batches
-/// of 500, timed from the first insert until all are readable in Kinesis.
-async fn many_keys(e: &Env, docs: usize, shards: i32) -> (Run, Vec<Vec<u8>>) {
+/// Inserts `_id`s `ids` in `insert_many` batches of 500; returns how long it took.
+async fn insert_docs(coll: mongodb::Collection<Document>, ids: std::ops::Range<i64>) -> Duration {
+    let t = Instant::now();
+    let ids: Vec<i64> = ids.collect();
+    for chunk in ids.chunks(500) {
+        let batch: Vec<Document> = chunk
+            .iter()
+            .map(|&i| {
+                doc! {
+                    "_id": i,
+                    "customer": format!("customer-{:05}", i % 997),
+                    "total": (i % 1000) as f64 * 1.25,
+                    "items": [{"sku": format!("sku-{}", i % 50), "qty": i % 5 + 1}],
+                    "at": bson::DateTime::from_millis(1_700_000_000_000 + i),
+                }
+            })
+            .collect();
+        coll.insert_many(batch).await.expect("insert_many");
+    }
+    t.elapsed()
+}
+
+enum Writer {
+    /// Still writing while the watcher delivers.
+    Concurrent(tokio::task::JoinHandle<Duration>),
+    /// Wrote everything, in this long, before the watcher resumed.
+    Done(Duration),
+}
+
+/// `docs` inserts with distinct `_id`s in `insert_many` batches of 500, timed until all are
+/// readable in Kinesis. `backlog == false`: a concurrent writer, timed from the first insert.
+/// `backlog == true`: written while the watcher is paused, timed from the resume (the
+/// pipeline's own rate, not bounded by the writer).
+async fn many_keys(e: &Env, docs: usize, shards: i32, backlog: bool) -> (Run, Vec<Vec<u8>>) {
     let stream = unique("bench-many");
     e.aws.create_stream(&stream, shards).await;
-    let (_w, port, _dir) = watch(e, "many", "many", &stream, &e.moto.endpoint()).await;
+    let coll_name = unique("many");
+    let (_w, port, _dir) = watch(e, "many", &coll_name, &stream, &e.moto.endpoint()).await;
+    let coll = e
+        .client
+        .database("bench")
+        .collection::<Document>(&coll_name);
     let mut tail = Tail::new(&e.aws, &stream).await;
-    let before = Calls::read(port, "many");
-    let coll = e.client.database("bench").collection::<Document>("many");
-    let started = Instant::now();
-    let writer = tokio::spawn(async move {
-        let t = Instant::now();
-        let ids: Vec<i64> = (0..docs as i64).collect();
-        for chunk in ids.chunks(500) {
-            let batch: Vec<Document> = chunk
-                .iter()
-                .map(|&i| {
-                    doc! {
-                        "_id": i,
-                        "customer": format!("customer-{:05}", i % 997),
-                        "total": (i % 1000) as f64 * 1.25,
-                        "items": [{"sku": format!("sku-{}", i % 50), "qty": i % 5 + 1}],
-                        "at": bson::DateTime::from_millis(1_700_000_000_000 + i),
-                    }
-                })
-                .collect();
-            coll.insert_many(batch).await.expect("insert_many");
-        }
-        t.elapsed()
-    });
-    let done = tail.wait_for(&e.aws, docs, "many keys").await;
-    let writer = writer.await.expect("writer task");
+    let ids = 0..docs as i64;
+    let (started, before, writer) = if backlog {
+        pause(port, "many");
+        let took = insert_docs(coll, ids).await;
+        let before = Calls::read(port, "many");
+        let started = Instant::now();
+        resume(port, "many");
+        (started, before, Writer::Done(took))
+    } else {
+        let before = Calls::read(port, "many");
+        let started = Instant::now();
+        let task = tokio::spawn(insert_docs(coll, ids));
+        (started, before, Writer::Concurrent(task))
+    };
+    let done = tail
+        .wait_for(&e.aws, docs, port, "many", before.acked)
+        .await;
     let elapsed = done - started;
     let calls = Calls::read(port, "many").since(before);
+    let note = match writer {
+        Writer::Concurrent(task) => {
+            let took = task.await.expect("writer task");
+            format!("concurrent writer done after {:.2} s", took.as_secs_f64())
+        }
+        Writer::Done(took) => format!(
+            "backlog written in {:.2} s while paused",
+            took.as_secs_f64()
+        ),
+    };
     let ids: HashSet<i64> = tail
         .json()
         .iter()
@@ -348,14 +415,37 @@ async fn many_keys(e: &Env, docs: usize, shards: i32) -> (Run, Vec<Vec<u8>>) {
         .iter()
         .map(|r| r.data().as_ref().to_vec())
         .collect();
+    let mode = if backlog { "backlog" } else { "live" };
     let run = Run {
-        name: format!("many keys ({shards} shards)"),
+        name: format!("many keys, {mode} ({shards} shards)"),
         records: docs,
         elapsed,
         calls: Some(calls),
-        note: format!("writer done after {:.2} s", writer.as_secs_f64()),
+        note,
     };
     (run, data)
+}
+
+fn pause(port: u16, watcher: &str) {
+    let r = request(
+        port,
+        "POST",
+        &format!("/watchers/{watcher}/pause"),
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(r.status, 200, "pause {watcher}: {}", r.body);
+}
+
+fn resume(port: u16, watcher: &str) {
+    let r = request(
+        port,
+        "POST",
+        &format!("/watchers/{watcher}/resume"),
+        Some(TOKEN),
+        "",
+    );
+    assert_eq!(r.status, 200, "resume {watcher}: {}", r.body);
 }
 
 /// `n` updates of one document: written while the watcher is paused, then timed from the
@@ -372,8 +462,7 @@ async fn hot_key(e: &Env, n: usize, label: &str, aws_endpoint: &str) -> Run {
         .await
         .expect("insert the hot document");
     let (_w, port, _dir) = watch(e, "hot", &coll_name, &stream, aws_endpoint).await;
-    let r = request(port, "POST", "/watchers/hot/pause", Some(TOKEN), "");
-    assert_eq!(r.status, 200, "pause: {}", r.body);
+    pause(port, "hot");
     let t = Instant::now();
     for _ in 0..n {
         coll.update_one(doc! {"_id": "hot"}, doc! {"$inc": {"n": 1_i64}})
@@ -384,9 +473,8 @@ async fn hot_key(e: &Env, n: usize, label: &str, aws_endpoint: &str) -> Run {
     let mut tail = Tail::new(&e.aws, &stream).await;
     let before = Calls::read(port, "hot");
     let started = Instant::now();
-    let r = request(port, "POST", "/watchers/hot/resume", Some(TOKEN), "");
-    assert_eq!(r.status, 200, "resume: {}", r.body);
-    let done = tail.wait_for(&e.aws, n, label).await;
+    resume(port, "hot");
+    let done = tail.wait_for(&e.aws, n, port, "hot", before.acked).await;
     let elapsed = done - started;
     let calls = Calls::read(port, "hot").since(before);
     let seen: Vec<i64> = tail
@@ -438,6 +526,43 @@ async fn old_model(e: &Env, data: &[Vec<u8>], shards: i32) -> Run {
         elapsed,
         calls: None,
         note: "sequential, from the bench process".into(),
+    }
+}
+
+/// The floor of a hot key on this moto: `PutRecords` calls of one record each, awaited one
+/// after the other, from the bench process (no MongoDB, no watcher).
+async fn hot_key_floor(e: &Env, data: &[Vec<u8>]) -> Run {
+    let stream = unique("bench-floor");
+    e.aws.create_stream(&stream, 1).await;
+    let started = Instant::now();
+    for d in data {
+        let entry = aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+            .partition_key("hot")
+            .data(Blob::new(d.clone()))
+            .build()
+            .expect("PutRecords entry");
+        let out = e
+            .aws
+            .kinesis
+            .put_records()
+            .stream_name(&stream)
+            .records(entry)
+            .send()
+            .await
+            .expect("put records");
+        assert_eq!(
+            out.failed_record_count().unwrap_or(0),
+            0,
+            "moto rejected a record"
+        );
+    }
+    let elapsed = started.elapsed();
+    Run {
+        name: "hot key floor: 1-record calls".into(),
+        records: data.len(),
+        elapsed,
+        calls: None,
+        note: "sequential PutRecords from the bench process".into(),
     }
 }
 
@@ -524,19 +649,29 @@ async fn bench() {
     }
 
     let mut runs = Vec::new();
-    let (run, data) = many_keys(&e, docs, shards).await;
-    eprintln!("many keys: {:.2} s", run.elapsed.as_secs_f64());
+    let (run, data) = many_keys(&e, docs, shards, false).await;
+    eprintln!("many keys, live: {:.2} s", run.elapsed.as_secs_f64());
+    runs.push(run);
+    let (run, _) = many_keys(&e, docs, shards, true).await;
+    eprintln!("many keys, backlog: {:.2} s", run.elapsed.as_secs_f64());
     runs.push(run);
 
     let run = hot_key(&e, hot, "direct to moto", &e.moto.endpoint()).await;
     eprintln!("hot key, direct: {:.2} s", run.elapsed.as_secs_f64());
     runs.push(run);
+    let sample: Vec<Vec<u8>> = data.iter().cycle().take(hot).cloned().collect();
+    let run = hot_key_floor(&e, &sample).await;
+    eprintln!("hot key floor: {:.2} s", run.elapsed.as_secs_f64());
+    runs.push(run);
 
     let proxy = Proxy::start(&e.moto);
-    proxy.rules(json!({"delay_ms": 20}));
-    let run = hot_key(&e, hot, "proxy delay_ms=20", &proxy.endpoint()).await;
-    eprintln!("hot key, proxy: {:.2} s", run.elapsed.as_secs_f64());
-    runs.push(run);
+    for delay in [0, 20] {
+        proxy.rules(json!({"delay_ms": delay}));
+        let label = format!("proxy delay_ms={delay}");
+        let run = hot_key(&e, hot, &label, &proxy.endpoint()).await;
+        eprintln!("hot key, {label}: {:.2} s", run.elapsed.as_secs_f64());
+        runs.push(run);
+    }
     drop(proxy);
 
     let run = old_model(&e, &data, shards).await;
