@@ -232,6 +232,10 @@ impl Task {
                 let result = self.persist_paused(true).await;
                 info!(action = "pause", "watcher paused");
                 let ok = result.is_ok();
+                if ok {
+                    // Before the answer, so the API's response already shows `paused`.
+                    self.status.set(State::Paused, None);
+                }
                 let _ = reply.send(result);
                 if ok {
                     Next::Park(State::Paused, None)
@@ -280,6 +284,9 @@ impl Task {
                 Command::Pause(reply) => {
                     let result = self.persist_paused(true).await;
                     let ok = result.is_ok();
+                    if ok {
+                        self.status.set(State::Paused, None);
+                    }
                     let _ = reply.send(result);
                     if ok && state != State::Paused {
                         return Next::Park(State::Paused, None);
