@@ -22,7 +22,23 @@ pub struct Config {
     pub mongodb: MongoConfig,
     pub checkpoints: Option<CheckpointConfig>,
     pub http: HttpConfig,
+    pub limits: Limits,
     pub watchers: Vec<WatcherSpec>,
+}
+
+/// Process-wide bounds, shared by every watcher.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Bytes of events read and not yet acknowledged, summed over all watchers.
+    pub max_pending_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_pending_bytes: watchers::spec::DEFAULT_PROCESS_MAX_PENDING_BYTES,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -144,6 +160,16 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             api_token_ssm_parameter: None,
         },
     };
+    let limits = match top.section("limits") {
+        Some(mut s) => {
+            let max_pending_bytes = s.bytes("max_pending_bytes");
+            s.finish();
+            Limits {
+                max_pending_bytes: max_pending_bytes.unwrap_or(Limits::default().max_pending_bytes),
+            }
+        }
+        None => Limits::default(),
+    };
     let defaults = top
         .section("defaults")
         .map(|s| PartialWatcher::parse(s))
@@ -181,6 +207,7 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         mongodb: mongodb.expect("checked above"),
         checkpoints,
         http,
+        limits,
         watchers,
     })
 }
@@ -265,6 +292,7 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
             listen,
             api_token_ssm_parameter: None,
         },
+        limits: Limits::default(),
         watchers: vec![WatcherSpec {
             name,
             database,
@@ -282,6 +310,28 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
             checkpoint_interval: Duration::from_secs(1),
         }],
     })
+}
+
+/// `64MiB`, `64 MiB`, `1.5GiB`, `500KB`, `1024`.
+fn parse_bytes(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        _ => return None,
+    };
+    let bytes = number * factor;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < usize::MAX as f64).then_some(bytes as usize)
 }
 
 fn default_listen() -> SocketAddr {
@@ -462,6 +512,31 @@ impl<'p> Section<'p> {
         }
     }
 
+    /// A size in bytes: a whole number, or a number with a unit (`64MiB`, `512 KiB`, `1GiB`;
+    /// `KB`, `MB`, `GB` are powers of 1000). Must be more than 0.
+    fn bytes(&mut self, key: &str) -> Option<usize> {
+        let raw = self.take_raw(key)?;
+        let parsed = match &raw {
+            Value::Number(n) => n.as_u64().and_then(|n| usize::try_from(n).ok()),
+            Value::String(text) => parse_bytes(text),
+            _ => None,
+        };
+        match parsed {
+            Some(n) if n > 0 => Some(n),
+            _ => {
+                let shown = match raw {
+                    Value::String(t) => t,
+                    other => format!("{other:?}"),
+                };
+                self.problem(
+                    key,
+                    format!("`{shown}` is not a size more than 0 like 67108864, 64MiB or 1GiB"),
+                );
+                None
+            }
+        }
+    }
+
     fn choice<T: Copy>(&mut self, key: &str, options: &[(&str, T)]) -> Option<T> {
         let text: String = self.take(key)?;
         match options.iter().find(|(name, _)| *name == text) {
@@ -507,9 +582,11 @@ struct PartialWatcher {
     max_batch_bytes: Option<usize>,
     max_in_flight: Option<usize>,
     max_pending: Option<usize>,
+    max_pending_bytes: Option<usize>,
     max_put_retries: Option<u32>,
     retry_initial_backoff: Option<Duration>,
     retry_max_backoff: Option<Duration>,
+    record_retry_max_backoff: Option<Duration>,
 }
 
 impl PartialWatcher {
@@ -633,9 +710,11 @@ impl PartialWatcher {
             max_batch_bytes,
             max_in_flight: s.take("max_in_flight"),
             max_pending: s.take("max_pending"),
+            max_pending_bytes: s.bytes("max_pending_bytes"),
             max_put_retries: s.take("max_put_retries"),
             retry_initial_backoff: s.duration("retry_initial_backoff"),
             retry_max_backoff: s.duration("retry_max_backoff"),
+            record_retry_max_backoff: s.duration("record_retry_max_backoff"),
         };
         if p.max_in_flight == Some(0) {
             s.problem("max_in_flight", "must be at least 1");
@@ -692,6 +771,10 @@ impl PartialWatcher {
                 .max_pending
                 .or(d.max_pending)
                 .unwrap_or(defaults.max_pending),
+            max_pending_bytes: self
+                .max_pending_bytes
+                .or(d.max_pending_bytes)
+                .unwrap_or(defaults.max_pending_bytes),
             max_put_retries: self.max_put_retries.or(d.max_put_retries),
             retry_initial_backoff: self
                 .retry_initial_backoff
@@ -701,6 +784,10 @@ impl PartialWatcher {
                 .retry_max_backoff
                 .or(d.retry_max_backoff)
                 .unwrap_or(defaults.retry_max_backoff),
+            record_retry_max_backoff: self
+                .record_retry_max_backoff
+                .or(d.record_retry_max_backoff)
+                .unwrap_or(defaults.record_retry_max_backoff),
         };
         Some(WatcherSpec {
             name: name?,

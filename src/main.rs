@@ -21,7 +21,11 @@ use watchers::retry::Backoff;
 use crate::config::{redact_uri, Config};
 
 /// How long shutdown may take before the process exits anyway (ECS and Kubernetes give 30 s).
+/// Each watcher stops sending after `watchers::pipeline::DRAIN_TIMEOUT` (15 s) and then writes
+/// its final checkpoint.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(18);
+/// Exit status of a shutdown that left records unsent or watchers running at the deadline.
+const EXIT_UNCLEAN_SHUTDOWN: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -102,7 +106,17 @@ fn main() -> ExitCode {
                 );
             }
             match runtime.block_on(run(cfg)) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(supervisor::Shutdown::Clean) => ExitCode::SUCCESS,
+                Ok(supervisor::Shutdown::Incomplete { unsent, running }) => {
+                    error!(
+                        unsent,
+                        ?running,
+                        exit_code = EXIT_UNCLEAN_SHUTDOWN,
+                        "shutdown was not clean: records past the checkpoints were not sent \
+                         and are read again at the next start"
+                    );
+                    ExitCode::from(EXIT_UNCLEAN_SHUTDOWN)
+                }
                 Err(e) => {
                     error!(error = format!("{e:#}"), "mongo-watcher stopped");
                     ExitCode::FAILURE
@@ -142,7 +156,7 @@ fn print_config(cfg: &Config) {
     }
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
+async fn run(cfg: Config) -> anyhow::Result<supervisor::Shutdown> {
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
 
@@ -161,7 +175,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             let ssm = aws_sdk_ssm::Client::new(&aws);
             match fetch_ssm_secret(&ssm, name, "mongodb.password_ssm_parameter", &shutdown).await {
                 Some(p) => Some(p),
-                None => return Ok(()),
+                None => return Ok(supervisor::Shutdown::Clean),
             }
         }
         (None, None) => None,
@@ -171,6 +185,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics =
         watchers::metrics::Metrics::register(&registry).context("cannot register the metrics")?;
     let deps = watchers::Deps {
+        memory: watchers::flow::ByteBudget::new(cfg.limits.max_pending_bytes),
         metrics: metrics.clone(),
         mongo,
         kinesis: aws_sdk_kinesis::Client::new(&aws),
@@ -196,7 +211,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             let ssm = aws_sdk_ssm::Client::new(&aws);
             match fetch_ssm_secret(&ssm, name, "http.api_token_ssm_parameter", &shutdown).await {
                 Some(token) => Some(token),
-                None => return Ok(()),
+                None => return Ok(supervisor::Shutdown::Clean),
             }
         }
         (None, None) => {
@@ -225,7 +240,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
     shutdown.cancelled().await;
     info!("shutting down: draining watchers");
-    if supervisor.wait(SHUTDOWN_DEADLINE).await {
+    let outcome = supervisor.wait(SHUTDOWN_DEADLINE).await;
+    if outcome == supervisor::Shutdown::Clean {
         info!("all watchers stopped");
     }
     http_shutdown.cancel();
@@ -234,7 +250,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         Err(_) => warn!("HTTP server did not stop within 2 s"),
         _ => {}
     }
-    Ok(())
+    Ok(outcome)
 }
 
 async fn mongo_client(

@@ -3,6 +3,7 @@
 //! operator commands (pause, resume, rewind), and on shutdown waits for every watcher to reach
 //! a safe point.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,11 +30,25 @@ const HEALTHY_LIFE: Duration = Duration::from_secs(120);
 pub struct Supervisor {
     tracker: TaskTracker,
     handles: Vec<WatcherHandle>,
+    /// Records the watchers left unsent at shutdown (their drain deadline passed).
+    unsent: Arc<AtomicUsize>,
+}
+
+/// How a shutdown ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Every watcher flushed what it had read and wrote its final checkpoint.
+    Clean,
+    /// Records were left unsent or watchers were still running at the deadline. Nothing is
+    /// lost (nothing past a checkpoint was acknowledged as delivered; it is read again after a
+    /// restart), but the orchestrator should know the shutdown was not clean.
+    Incomplete { unsent: usize, running: Vec<String> },
 }
 
 impl Supervisor {
     pub fn start(specs: Vec<WatcherSpec>, deps: Deps, shutdown: &CancellationToken) -> Self {
         let tracker = TaskTracker::new();
+        let unsent = Arc::new(AtomicUsize::new(0));
         let mut handles = Vec::new();
         for spec in specs {
             let spec = Arc::new(spec);
@@ -48,11 +63,16 @@ impl Supervisor {
                 cancel: shutdown.child_token(),
                 commands,
                 carry: Carry::default(),
+                unsent: unsent.clone(),
             };
             tracker.spawn(task.supervise().instrument(span));
         }
         tracker.close();
-        Self { tracker, handles }
+        Self {
+            tracker,
+            handles,
+            unsent,
+        }
     }
 
     pub fn handles(&self) -> &[WatcherHandle] {
@@ -60,24 +80,31 @@ impl Supervisor {
     }
 
     /// Waits for every watcher to stop, at most `deadline`; names the ones still running.
-    pub async fn wait(&self, deadline: Duration) -> bool {
-        if tokio::time::timeout(deadline, self.tracker.wait())
+    pub async fn wait(&self, deadline: Duration) -> Shutdown {
+        let finished = tokio::time::timeout(deadline, self.tracker.wait())
             .await
-            .is_ok()
-        {
-            return true;
+            .is_ok();
+        let running: Vec<_> = if finished {
+            Vec::new()
+        } else {
+            self.handles
+                .iter()
+                .filter(|h| h.status().state != State::Stopped)
+                .map(|h| h.name().to_owned())
+                .collect()
+        };
+        if !running.is_empty() {
+            error!(
+                ?running,
+                "shutdown deadline passed with watchers still running"
+            );
         }
-        let running: Vec<_> = self
-            .handles
-            .iter()
-            .filter(|h| h.status().state != State::Stopped)
-            .map(|h| h.name().to_owned())
-            .collect();
-        error!(
-            ?running,
-            "shutdown deadline passed with watchers still running"
-        );
-        false
+        let unsent = self.unsent.load(Ordering::Acquire);
+        if running.is_empty() && unsent == 0 {
+            Shutdown::Clean
+        } else {
+            Shutdown::Incomplete { unsent, running }
+        }
     }
 }
 
@@ -99,6 +126,7 @@ struct Task {
     cancel: CancellationToken,
     commands: mpsc::Receiver<Command>,
     carry: Carry,
+    unsent: Arc<AtomicUsize>,
 }
 
 /// What to do after a life or a parked spell.
@@ -127,7 +155,10 @@ impl Task {
                         backoff.reset();
                     }
                     match result {
-                        Ok(Exit::Cancelled) => Next::Stop,
+                        Ok(Exit::Cancelled { unsent }) => {
+                            self.unsent.fetch_add(unsent, Ordering::AcqRel);
+                            Next::Stop
+                        }
                         Ok(Exit::StoredPaused) => {
                             info!("the checkpoint says paused; staying paused");
                             Next::Park(State::Paused, None)

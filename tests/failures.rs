@@ -385,3 +385,158 @@ async fn ssm_password_against_scram_auth() {
         assert!(!logs.contains(secret), "the password reached a log line");
     }
 }
+
+// ---- Issue 7, item 6: a checkpoint write with an unknown outcome must not stop a watcher ----
+
+/// A checkpoint PutItem that DynamoDB applies but whose answer never reaches the watcher
+/// (withheld past the 5 s write timeout, or the connection dropped) is settled by reading the
+/// item back: the watcher stays `running`, keeps delivering, and its checkpoint keeps moving.
+/// Before the fix the next write failed its revision check against the watcher's own write
+/// ("is a second instance running?") and the watcher went to `failed`.
+async fn checkpoint_write_with_unknown_outcome(then: &str, hold_ms: u64) {
+    let mongo = Mongo::start();
+    let moto = Moto::start();
+    // mongo-watcher uses one endpoint for Kinesis and DynamoDB: the proxy sees both.
+    let proxy = Proxy::start(&moto);
+    let aws = Aws::new(&moto).await;
+    let dir = tempfile::tempdir().unwrap();
+    let table = unique("cps");
+    aws.create_checkpoint_table(&table).await;
+    let s = unique("s");
+    aws.create_stream(&s, 1).await;
+    let port = free_port();
+    let cfg = config_yaml(
+        &mongo,
+        Some(&table),
+        &[watcher_yaml("w", "db", "c", &s, "")],
+    )
+    .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let w = Watcher::start(dir.path(), &cfg, &proxy.endpoint());
+    let state = || request(port, "GET", "/watchers/w", None, "").json()["state"].clone();
+    wait_http(port, "/watchers/w", WAIT, |r| {
+        r.status == 200 && r.json()["state"] == "running"
+    });
+    let c = mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
+    insert_ids(&c, 1..=3).await;
+    aws.wait_for_records(&s, WAIT, |r| has_all(r, &[1, 2, 3]))
+        .await;
+
+    proxy.rules(serde_json::json!({"dynamo_hold": {
+        "target": "PutItem", "count": 1, "hold_ms": hold_ms, "then": then,
+    }}));
+    // Moves the frontier, so a checkpoint write follows (idle tokens may move it too).
+    insert_ids(&c, 4..=6).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while proxy.stats()["dynamo_held"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint PutItem reached the proxy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The write was applied; the watcher either settles it or (before the fix) fails.
+    let settled = "checkpoint write confirmed by read-back";
+    let deadline = std::time::Instant::now() + WAIT;
+    while !w.logs().contains(settled) && state() == "running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held write was neither settled nor failed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        state(),
+        "running",
+        "a checkpoint write with an unknown outcome stopped the watcher"
+    );
+    let settled_at = revision(&aws.checkpoint(&table, "w").await.expect("checkpoint"));
+
+    // It keeps delivering, and its checkpoint keeps moving past the write that was in doubt.
+    insert_ids(&c, 7..=9).await;
+    aws.wait_for_records(&s, WAIT, |r| has_all(r, &[4, 5, 6, 7, 8, 9]))
+        .await;
+    let before = token_text(&aws.checkpoint(&table, "w").await.expect("checkpoint"));
+    insert_ids(&c, 10..=12).await;
+    aws.wait_for_checkpoint(&table, "w", WAIT, |i| {
+        revision(i) > settled_at + 1 && token_text(i) != before
+    })
+    .await;
+    aws.wait_for_records(&s, WAIT, |r| has_all(r, &[10, 11, 12]))
+        .await;
+    assert_eq!(state(), "running");
+    assert!(
+        !w.logs().contains("second instance"),
+        "a conflict was reported"
+    );
+    assert_eq!(
+        w.count_watcher_lines("w", "opening change stream"),
+        1,
+        "the watcher's life was restarted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_write_answered_after_the_timeout_keeps_the_watcher_running() {
+    checkpoint_write_with_unknown_outcome("answer", 6000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_write_whose_connection_drops_keeps_the_watcher_running() {
+    checkpoint_write_with_unknown_outcome("drop", 0).await;
+}
+
+/// A genuine second writer is still a conflict: the read-back reconciliation only accepts
+/// what this watcher itself wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_checkpoint_writer_still_fails_the_watcher() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let mongo = Mongo::start();
+    let moto = Moto::start();
+    let aws = Aws::new(&moto).await;
+    let dir = tempfile::tempdir().unwrap();
+    let table = unique("cps");
+    aws.create_checkpoint_table(&table).await;
+    let s = unique("s");
+    aws.create_stream(&s, 1).await;
+    let port = free_port();
+    let cfg = config_yaml(
+        &mongo,
+        Some(&table),
+        &[watcher_yaml("w", "db", "c", &s, "")],
+    )
+    .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let w = Watcher::start(dir.path(), &cfg, &moto.endpoint());
+    wait_http(port, "/watchers/w", WAIT, |r| {
+        r.status == 200 && r.json()["state"] == "running"
+    });
+    let item = aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
+    // Another process takes the item over: a revision the watcher never wrote.
+    aws.dynamodb
+        .put_item()
+        .table_name(&table)
+        .item("watcher", AttributeValue::S("w".into()))
+        .item(
+            "resume_token",
+            AttributeValue::S(r#"{"_data": "00"}"#.into()),
+        )
+        .item("paused", AttributeValue::Bool(false))
+        .item(
+            "revision",
+            AttributeValue::N((revision(&item) + 50).to_string()),
+        )
+        .send()
+        .await
+        .expect("second writer");
+    let c = mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
+    insert_ids(&c, 1..=3).await;
+    wait_http(port, "/watchers/w", WAIT, |r| r.json()["state"] == "failed");
+    assert!(w.logs().contains("is a second instance running?"));
+}

@@ -2,9 +2,11 @@
 
 use bson::DateTime;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use utoipa::ToSchema;
 use watchers::control::WatcherHandle;
-use watchers::status::{Counters, State};
+
+use watchers::status::{Counters, Flow, State};
 
 /// What a watcher is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -58,6 +60,36 @@ impl From<Counters> for CountersView {
     }
 }
 
+/// How the watcher is sending: its adaptive limit and what it holds.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FlowView {
+    /// PutRecords calls allowed in flight now: `max_in_flight` while calls get through,
+    /// halved each time a call fails whole or has nothing acknowledged, at least 1.
+    pub send_limit: usize,
+    pub calls_in_flight: usize,
+    /// Records read and not yet acknowledged (queued, in flight or waiting to be retried).
+    pub pending_records: usize,
+    /// Bytes of those records.
+    pub pending_bytes: usize,
+    /// Records Kinesis rejected that wait for their own retry delay.
+    pub records_delayed: usize,
+    /// Records Kinesis rejected since the process started, by error code.
+    pub rejected: BTreeMap<String, u64>,
+}
+
+impl From<Flow> for FlowView {
+    fn from(f: Flow) -> Self {
+        Self {
+            send_limit: f.send_limit,
+            calls_in_flight: f.calls_in_flight,
+            pending_records: f.pending_records,
+            pending_bytes: f.pending_bytes,
+            records_delayed: f.records_delayed,
+            rejected: f.rejected,
+        }
+    }
+}
+
 /// One watcher: what it watches, where it writes, and how it is doing.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct WatcherView {
@@ -82,6 +114,7 @@ pub struct WatcherView {
     /// Times the supervisor restarted the watcher after an error.
     pub restarts: u64,
     pub counters: CountersView,
+    pub flow: FlowView,
 }
 
 impl WatcherView {
@@ -101,6 +134,7 @@ impl WatcherView {
             last_checkpoint_at: status.last_checkpoint_at.and_then(rfc3339),
             restarts: status.restarts,
             counters: status.counters.into(),
+            flow: status.flow.into(),
         }
     }
 }

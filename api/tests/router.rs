@@ -19,7 +19,7 @@ use watchers::control::{Command, ControlError, RewindTarget, WatcherHandle};
 use watchers::metrics::Metrics;
 use watchers::record::{FieldPath, RecordFormat};
 use watchers::spec::{BatchSettings, StartAt, WatcherSpec};
-use watchers::status::{Counters, State, Status};
+use watchers::status::{Counters, Flow, State, Status};
 
 const TOKEN: &str = "s3cret-token-value";
 
@@ -328,6 +328,14 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
             records_skipped: 1,
             checkpoint_writes: 4,
         };
+        s.flow = Flow {
+            send_limit: 2,
+            calls_in_flight: 1,
+            pending_records: 40,
+            pending_bytes: 40_960,
+            records_delayed: 3,
+            rejected: [("ProvisionedThroughputExceededException".to_owned(), 7)].into(),
+        };
     });
     let r = get(&h.router, "/watchers").await;
     assert_eq!(r.status, StatusCode::OK);
@@ -360,6 +368,11 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
             "counters": {
                 "events": 10, "records_put": 9, "put_retries": 3,
                 "records_skipped": 1, "checkpoint_writes": 4
+            },
+            "flow": {
+                "send_limit": 2, "calls_in_flight": 1, "pending_records": 40,
+                "pending_bytes": 40960, "records_delayed": 3,
+                "rejected": {"ProvisionedThroughputExceededException": 7}
             }
         })
     );

@@ -9,9 +9,10 @@ Binds 127.0.0.1:PORT (0 = pick a free port), prints exactly one line
 ``LISTENING <port>`` to stdout (flushed) once ready; logs go to stderr.
 
 Every request is forwarded verbatim (method, path+query, headers, body) to the
-upstream, and the upstream status/headers/body are relayed back.  Only
-PutRecords calls (``X-Amz-Target: Kinesis_20131202.PutRecords``) are subject to
-fault injection.
+upstream, and the upstream status/headers/body are relayed back.  PutRecords
+calls (``X-Amz-Target: Kinesis_20131202.PutRecords``) are subject to the Kinesis
+fault rules; ``dynamo_hold`` takes calls of one other operation (mongo-watcher
+uses one endpoint for Kinesis and DynamoDB, so its checkpoint writes pass here).
 
 Control API (same port, JSON in/out):
 
@@ -32,6 +33,23 @@ Rules (defaults shown):
   hold              false  forward, but withhold the reply until hold=false,
                            reset, or client disconnect
   fail_keys         {}     {"PartitionKey": N}: key fails its next N attempts
+  fail_shard        null   {"shard": i, "of": n, "rate": p}: P(entry is NOT
+                           forwarded and reported failed with fail_record_code)
+                           for entries whose key hashes to shard i of n: hash
+                           key = MD5(PartitionKey) as a 128-bit big-endian int,
+                           shard i covers [i*2^128/n, (i+1)*2^128/n) (how a new
+                           stream's range is split evenly; ExplicitHashKey is
+                           not considered)
+  dynamo_hold       null   {"target": "PutItem", "count": 1, "hold_ms": 6000,
+                           "then": "answer"}: the next `count` calls whose
+                           X-Amz-Target operation is `target` (any service,
+                           e.g. DynamoDB_20120810.PutItem) are forwarded, so
+                           the upstream applies them, then the answer is
+                           withheld for hold_ms and sent ("answer") or the
+                           connection is closed without one ("drop"); ends
+                           early on reset or client disconnect.  count (default
+                           1) counts down in GET /_proxy/rules; hold_ms
+                           defaults to 0, then to "answer".
   seed              null   RNG seed (the RNG is re-created on every rules POST)
 """
 
@@ -39,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import random
 import select
@@ -81,6 +100,8 @@ DEFAULT_RULES = {
     "delay_ms": 0,
     "hold": False,
     "fail_keys": {},
+    "fail_shard": None,
+    "dynamo_hold": None,
     "seed": None,
 }
 
@@ -93,6 +114,7 @@ STAT_KEYS = (
     "held_calls",
     "held_total",
     "other_calls",
+    "dynamo_held",
 )
 
 VERBOSE = False
@@ -145,10 +167,48 @@ def validate_rules(raw: object) -> dict:
     ):
         raise RuleError("fail_keys must be an object of {partition_key: non-negative int}")
     rules["fail_keys"] = {str(k): int(n) for k, n in fk.items()}
+    fs = rules["fail_shard"]
+    if fs is not None:
+        if not isinstance(fs, dict) or set(fs) != {"shard", "of", "rate"}:
+            raise RuleError('fail_shard must be null or {"shard": i, "of": n, "rate": p}')
+        of, shard, rate = fs["of"], fs["shard"], fs["rate"]
+        if isinstance(of, bool) or not isinstance(of, int) or of < 1:
+            raise RuleError("fail_shard.of must be a positive int")
+        if isinstance(shard, bool) or not isinstance(shard, int) or not 0 <= shard < of:
+            raise RuleError("fail_shard.shard must be an int in [0, of)")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            raise RuleError("fail_shard.rate must be a number in [0, 1]")
+        rules["fail_shard"] = {"shard": shard, "of": of, "rate": float(rate)}
     seed = rules["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, str))):
         raise RuleError("seed must be null, an int or a string")
+    rules["dynamo_hold"] = validate_dynamo_hold(rules["dynamo_hold"])
     return rules
+
+
+def validate_dynamo_hold(dh: object) -> dict | None:
+    if dh is None:
+        return None
+    keys = {"target", "count", "hold_ms", "then"}
+    if not isinstance(dh, dict) or not set(dh) <= keys or "target" not in dh:
+        raise RuleError('dynamo_hold must be null or {"target": op, "count": n, '
+                        '"hold_ms": ms, "then": "answer"|"drop"}')
+    target, count = dh["target"], dh.get("count", 1)
+    hold_ms, then = dh.get("hold_ms", 0), dh.get("then", "answer")
+    if not isinstance(target, str) or not target or "." in target:
+        raise RuleError("dynamo_hold.target must be an operation name such as PutItem")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise RuleError("dynamo_hold.count must be a non-negative int")
+    if isinstance(hold_ms, bool) or not isinstance(hold_ms, (int, float)) or hold_ms < 0:
+        raise RuleError("dynamo_hold.hold_ms must be a non-negative number")
+    if then not in ("answer", "drop"):
+        raise RuleError('dynamo_hold.then must be "answer" or "drop"')
+    return {"target": target, "count": count, "hold_ms": hold_ms, "then": then}
+
+
+def shard_of(partition_key: str, shards: int) -> int:
+    """Index of the shard a key lands on in a stream of `shards` evenly split shards."""
+    return (int.from_bytes(hashlib.md5(partition_key.encode()).digest(), "big") * shards) >> 128
 
 
 class State:
@@ -364,6 +424,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._put_records(body or b"")
             return
         self.state.bump(other_calls=1)
+        hold = self._take_dynamo_hold(target)
+        if hold is not None:
+            self._forward_then_withhold(body, hold)
+            return
         self._forward_verbatim(body)
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = do_OPTIONS = _handle
@@ -376,6 +440,54 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._send_aws_error(502, "InternalFailure", f"proxy upstream error: {e}")
             return
         self._relay(*res)
+
+    # ------------------------------------------------------------ dynamo_hold
+    def _take_dynamo_hold(self, target: str) -> dict | None:
+        """Claims one call of the dynamo_hold rule when `target` names its operation."""
+        st = self.state
+        op = target.rsplit(".", 1)[-1]
+        with st.lock:
+            rule = st.rules["dynamo_hold"]
+            if rule is None or rule["count"] <= 0 or op != rule["target"]:
+                return None
+            rule["count"] -= 1
+            st.stats["dynamo_held"] += 1
+            return dict(rule)
+
+    def _forward_then_withhold(self, body: bytes | None, rule: dict) -> None:
+        """Forwards the call (the upstream applies it), then withholds the answer: the client
+        cannot know whether its call took effect."""
+        st = self.state
+        try:
+            res = self.upstream.request(self.command, self.path, self._forward_headers(), body)
+        except Exception as e:  # upstream down etc.
+            log(f"upstream error on held {rule['target']}: {e!r}")
+            self._send_aws_error(502, "InternalFailure", f"proxy upstream error: {e}")
+            return
+        vlog(f"{rule['target']}: applied upstream ({res[0]}); withholding the answer "
+             f"{rule['hold_ms']} ms, then {rule['then']}")
+        deadline = time.monotonic() + rule["hold_ms"] / 1000.0
+        with st.cond:
+            gen = st.release_gen
+        gone = False
+        while True:
+            with st.cond:
+                left = deadline - time.monotonic()
+                if left <= 0 or st.release_gen != gen:
+                    break
+                st.cond.wait(min(left, 0.05))
+            if self._client_gone():
+                gone = True
+                break
+        if gone or rule["then"] == "drop":
+            # Closing without a response: the client sees the connection end mid-call.
+            vlog(f"{rule['target']}: {'client gone' if gone else 'dropping the connection'}")
+            self.close_connection = True
+            return
+        try:
+            self._relay(*res)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
 
     # ---------------------------------------------------------------- control
     def _control(self, path: str, body: bytes | None) -> None:
@@ -424,11 +536,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             fail_status = rules["fail_call_status"]
             # per entry: "ok" | "fail" (not forwarded) | "lost" (forwarded, reported failed)
             fate: list[str] = []
+            fail_shard = rules["fail_shard"]
             if not fail_call:
                 for rec in records:
                     key = rec.get("PartitionKey")
                     if isinstance(key, str) and rules["fail_keys"].get(key, 0) > 0:
                         rules["fail_keys"][key] -= 1
+                        fate.append("fail")
+                    elif fail_shard is not None and isinstance(key, str) \
+                            and shard_of(key, fail_shard["of"]) == fail_shard["shard"] \
+                            and st.rng.random() < fail_shard["rate"]:
                         fate.append("fail")
                     elif rules["fail_record_rate"] > 0 and st.rng.random() < rules["fail_record_rate"]:
                         fate.append("fail")

@@ -748,6 +748,20 @@ impl Watcher {
         }
     }
 
+    /// Resident memory of the running process in bytes (`VmRSS` of /proc/<pid>/status).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
     /// SIGTERM, then waits; returns the exit code and how long it took.
     pub fn terminate(&mut self) -> (Option<i32>, Duration) {
         let mut c = self.child.take().expect("running");
@@ -852,5 +866,14 @@ pub async fn insert_ids(coll: &mongodb::Collection<Document>, ids: impl IntoIter
         coll.insert_one(doc! {"_id": id, "v": 0_i64})
             .await
             .expect("insert");
+    }
+}
+
+// ---- For benches/pipeline.rs: the process id, for its CPU time and memory. ----
+
+impl Watcher {
+    /// Process id of the running mongo-watcher (None after a kill or stop).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 }

@@ -12,6 +12,7 @@ stops both at the end.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -362,11 +363,137 @@ def run(env: Env) -> None:
           f"upstream error relayed verbatim: {resp.status} {body}")
     c.close()
 
+    print("fail_shard")
+    env.reset()
+    kin.create_stream(StreamName="s-shard", ShardCount=4)
+    kin.get_waiter("stream_exists").wait(StreamName="s-shard",
+                                         WaiterConfig={"Delay": 0.2, "MaxAttempts": 50})
+    shards = kin.list_shards(StreamName="s-shard")["Shards"]
+    check([(int(s["HashKeyRange"]["StartingHashKey"]), int(s["HashKeyRange"]["EndingHashKey"]))
+           for s in shards] == [(i * 2**128 // 4, (i + 1) * 2**128 // 4 - 1) for i in range(4)],
+          "moto splits 4 shards evenly: shard i covers [i*2^128/4, (i+1)*2^128/4)")
+
+    def shard_index(key: str) -> int:
+        return int.from_bytes(hashlib.md5(key.encode()).digest(), "big") * 4 >> 128
+
+    batch = recs("shard", 40)
+    r = kin.put_records(StreamName="s-shard", Records=batch)
+    ids = [s["ShardId"] for s in shards]
+    check(all(ids.index(e["ShardId"]) == shard_index(b["PartitionKey"])
+              for b, e in zip(batch, r["Records"])), "MD5 hash key predicts moto's shard")
+    env.rules(fail_shard={"shard": 0, "of": 4, "rate": 1.0})
+    r = kin.put_records(StreamName="s-shard", Records=batch)
+    failed = [shard_index(b["PartitionKey"]) == 0 for b in batch]
+    check(0 < sum(failed) < 40 and ["ErrorCode" in e for e in r["Records"]] == failed,
+          f"rate 1.0: exactly the {sum(failed)} records of shard 0 failed")
+    check(all(e["ErrorCode"] == "ProvisionedThroughputExceededException"
+              for e in r["Records"] if "ErrorCode" in e), "fail_record_code used")
+    env.rules(fail_shard={"shard": 0, "of": 4, "rate": 0.5}, seed=3)
+    r = kin.put_records(StreamName="s-shard", Records=recs("half", 400))
+    bad = [shard_index(f"pk-{i}") for i, e in enumerate(r["Records"]) if "ErrorCode" in e]
+    on0 = sum(shard_index(f"pk-{i}") == 0 for i in range(400))
+    check(set(bad) == {0} and 0.3 * on0 < len(bad) < 0.7 * on0,
+          f"rate 0.5: {len(bad)} of {on0} shard-0 records failed, no other shard")
+    check(env.stats()["records_failed"] == sum(failed) + len(bad), "counted as records_failed")
+    check(env.ctl("POST", "/_proxy/rules", {"fail_shard": {"shard": 4, "of": 4, "rate": 1}})[0]
+          == 400, "shard out of range -> 400")
+    check(env.ctl("GET", "/_proxy/rules")[1]["fail_shard"] == {"shard": 0, "of": 4, "rate": 0.5},
+          "rules unchanged by a rejected POST")
+    env.reset()
+    check(env.ctl("GET", "/_proxy/rules")[1]["fail_shard"] is None, "reset clears fail_shard")
+
+
+def run_dynamo_hold(env: Env) -> None:
+    """dynamo_hold: DynamoDB passes verbatim; the named operation is applied upstream, then
+    its answer is withheld (and sent) or the connection dropped."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
+
+    def ddb(read_timeout: float = 30):
+        return boto3.client(
+            "dynamodb", endpoint_url=env.base, region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+            config=Config(retries={"total_max_attempts": 1, "mode": "standard"},
+                          read_timeout=read_timeout, connect_timeout=5))
+
+    def item(rev: int) -> dict:
+        return {"watcher": {"S": "w"}, "revision": {"N": str(rev)}}
+
+    def stored_rev() -> int | None:
+        r = db.get_item(TableName="cps", Key={"watcher": {"S": "w"}}, ConsistentRead=True)
+        return int(r["Item"]["revision"]["N"]) if "Item" in r else None
+
+    print("dynamo_hold")
+    env.reset()
+    db = ddb()
+    db.create_table(TableName="cps",
+                    KeySchema=[{"AttributeName": "watcher", "KeyType": "HASH"}],
+                    AttributeDefinitions=[{"AttributeName": "watcher", "AttributeType": "S"}],
+                    BillingMode="PAY_PER_REQUEST")
+    db.put_item(TableName="cps", Item=item(1))
+    check(stored_rev() == 1 and env.stats()["dynamo_held"] == 0,
+          "DynamoDB passes verbatim without the rule")
+
+    env.rules(dynamo_hold={"target": "PutItem", "hold_ms": 3000})
+    check(env.ctl("GET", "/_proxy/rules")[1]["dynamo_hold"]
+          == {"target": "PutItem", "count": 1, "hold_ms": 3000, "then": "answer"}, "defaults filled")
+    t = time.time()
+    try:
+        ddb(read_timeout=1).put_item(TableName="cps", Item=item(2))
+        raise AssertionError("expected a read timeout")
+    except ReadTimeoutError:
+        check(time.time() - t < 2.5, "answer withheld past the client's read timeout")
+    check(stored_rev() == 2, "but the held PutItem was applied")
+    check(env.stats()["dynamo_held"] == 1
+          and env.ctl("GET", "/_proxy/rules")[1]["dynamo_hold"]["count"] == 0, "count spent")
+    t = time.time()
+    db.put_item(TableName="cps", Item=item(3))
+    check(time.time() - t < 1 and stored_rev() == 3, "the next PutItem passes at once")
+
+    env.rules(dynamo_hold={"target": "PutItem", "hold_ms": 500, "then": "answer"})
+    t = time.time()
+    r = db.put_item(TableName="cps", Item=item(4), ReturnValues="ALL_OLD")
+    check(time.time() - t >= 0.5 and r["Attributes"]["revision"]["N"] == "3",
+          "a patient client gets upstream's answer after hold_ms")
+
+    env.rules(dynamo_hold={"target": "PutItem", "count": 2, "then": "drop"})
+    for rev in (5, 6):
+        try:
+            db.put_item(TableName="cps", Item=item(rev))
+            raise AssertionError("expected the connection to drop")
+        except ConnectionClosedError:
+            pass
+        check(stored_rev() == rev, f"dropped PutItem {rev} was applied")
+    db.put_item(TableName="cps", Item=item(7))
+    check(stored_rev() == 7 and env.stats()["dynamo_held"] == 4, "count 2: two dropped, then through")
+
+    print("dynamo_hold leaves other operations alone")
+    env.rules(dynamo_hold={"target": "GetItem", "then": "drop"})
+    db.put_item(TableName="cps", Item=item(8))
+    env.new_stream("s-dh")
+    check(env.kin.put_records(StreamName="s-dh", Records=recs("dh", 2))["FailedRecordCount"] == 0,
+          "PutRecords unaffected")
+    try:
+        stored_rev()
+        raise AssertionError("expected GetItem to drop")
+    except ConnectionClosedError:
+        check(stored_rev() == 8, "only the named operation is taken")
+
+    for bad in ({"count": 1}, {"target": "PutItem", "then": "explode"},
+                {"target": "PutItem", "count": -1}, {"target": "DynamoDB_20120810.PutItem"},
+                {"target": "PutItem", "extra": 1}):
+        check(env.ctl("POST", "/_proxy/rules", {"dynamo_hold": bad})[0] == 400, f"{bad} -> 400")
+    env.reset()
+    check(env.ctl("GET", "/_proxy/rules")[1]["dynamo_hold"] is None
+          and env.stats()["dynamo_held"] == 0, "reset clears dynamo_hold")
+
 
 def test_kinesis_proxy() -> None:
     env = Env()
     try:
         run(env)
+        run_dynamo_hold(env)
     finally:
         env.close()
 

@@ -6,8 +6,13 @@
 //! that has nothing in flight, and the next record of that key only after the earlier one is
 //! acknowledged. A failed record goes back to the head of its key's queue and is sent again
 //! before anything after it. Calls that are in flight at the same time never share a key.
+//!
+//! A record sent again waits its own delay first (`retry` names the instant it may go): until
+//! then its key is *delayed*, neither ready nor in flight, and every other key keeps moving.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use tokio::time::Instant;
 
 /// AWS limits of one PutRecords call.
 pub const MAX_BATCH_RECORDS: usize = 500;
@@ -35,6 +40,8 @@ impl PendingRecord {
 struct KeyQueue {
     queue: VecDeque<PendingRecord>,
     in_flight: bool,
+    /// The head is a rejected record that may not be sent before this instant.
+    not_before: Option<Instant>,
 }
 
 /// Records read but not yet acknowledged, grouped by partition key.
@@ -43,10 +50,13 @@ pub struct Scheduler {
     keys: HashMap<String, KeyQueue>,
     /// Head records whose key has nothing in flight, by read order.
     ready: BTreeMap<u64, String>,
+    /// Keys whose head waits for its retry delay, by the instant it ends.
+    delayed: BTreeMap<(Instant, u64), String>,
     ready_bytes: usize,
     queued: usize,
     queued_bytes: usize,
     in_flight: usize,
+    in_flight_bytes: usize,
 }
 
 impl Scheduler {
@@ -66,6 +76,38 @@ impl Scheduler {
     /// Bytes of records waiting to be sent (not counting in-flight ones).
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes
+    }
+
+    /// Bytes of every record held, queued or in flight.
+    pub fn held_bytes(&self) -> usize {
+        self.queued_bytes + self.in_flight_bytes
+    }
+
+    /// Records waiting for their retry delay.
+    pub fn delayed_len(&self) -> usize {
+        self.delayed.len()
+    }
+
+    /// When the next delayed record may be sent again.
+    pub fn next_retry_at(&self) -> Option<Instant> {
+        self.delayed.keys().next().map(|(at, _)| *at)
+    }
+
+    /// Makes every record whose retry delay has ended by `now` ready again.
+    pub fn promote(&mut self, now: Instant) {
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ((_, seq), key) = entry.remove_entry();
+            if let Some(state) = self.keys.get_mut(&key) {
+                state.not_before = None;
+                if let Some(head) = state.queue.front() {
+                    self.ready_bytes += head.size();
+                }
+            }
+            self.ready.insert(seq, key);
+        }
     }
 
     /// Records that could go into a call right now.
@@ -118,6 +160,7 @@ impl Scheduler {
             self.queued -= 1;
             self.queued_bytes -= size;
             self.in_flight += 1;
+            self.in_flight_bytes += size;
             batch.push(record);
         }
         batch
@@ -125,32 +168,40 @@ impl Scheduler {
 
     /// Kinesis accepted `record`: its key's next record becomes ready.
     pub fn ack(&mut self, record: &PendingRecord) {
-        self.release(&record.partition_key);
+        self.release(&record.partition_key, record.size());
     }
 
-    /// Kinesis rejected `record`: it goes back to the head of its key's queue.
-    pub fn retry(&mut self, mut record: PendingRecord) {
+    /// Kinesis rejected `record`: it goes back to the head of its key's queue, and becomes
+    /// ready again at `not_before` (at once when that is not in the future).
+    pub fn retry(&mut self, mut record: PendingRecord, not_before: Option<Instant>) {
         record.attempts += 1;
         let key = record.partition_key.clone();
         let size = record.size();
         let state = self.keys.entry(key.clone()).or_default();
         state.queue.push_front(record);
+        state.not_before = not_before;
         self.queued += 1;
         self.queued_bytes += size;
-        self.release(&key);
+        self.release(&key, size);
     }
 
-    fn release(&mut self, key: &str) {
+    fn release(&mut self, key: &str, size: usize) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.in_flight_bytes = self.in_flight_bytes.saturating_sub(size);
         let Some(state) = self.keys.get_mut(key) else {
             return;
         };
         state.in_flight = false;
         match state.queue.front() {
-            Some(head) => {
-                self.ready_bytes += head.size();
-                self.ready.insert(head.seq, key.to_owned());
-            }
+            Some(head) => match state.not_before {
+                Some(at) => {
+                    self.delayed.insert((at, head.seq), key.to_owned());
+                }
+                None => {
+                    self.ready_bytes += head.size();
+                    self.ready.insert(head.seq, key.to_owned());
+                }
+            },
             None => {
                 self.keys.remove(key);
             }
@@ -161,6 +212,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn rec(seq: u64, key: &str) -> PendingRecord {
         PendingRecord {
@@ -203,7 +255,7 @@ mod tests {
         let a1 = it.next().unwrap();
         let b3 = it.next().unwrap();
         s.ack(&b3);
-        s.retry(a1);
+        s.retry(a1, None);
         let again = s.next_batch(500, MAX_BATCH_BYTES);
         assert_eq!(seqs(&again), vec![1]);
         assert_eq!(again[0].attempts, 1);
@@ -247,14 +299,44 @@ mod tests {
             assert_eq!(keys.len(), batch.len(), "a key twice in one call");
             for (i, r) in batch.into_iter().enumerate() {
                 if i == 0 && r.attempts == 0 {
-                    s.retry(r);
+                    s.retry(r, None);
                 } else {
                     s.ack(&r);
                 }
             }
         }
         assert_eq!(s.queued_bytes(), 0);
+        assert_eq!(s.held_bytes(), 0);
         assert_eq!(s.ready_len(), 0);
         assert!(s.keys.is_empty());
+    }
+
+    #[test]
+    fn a_delayed_record_holds_only_its_own_key() {
+        let start = Instant::now();
+        let mut s = Scheduler::new();
+        s.push(rec(1, "a"));
+        s.push(rec(2, "b"));
+        let first = s.next_batch(500, MAX_BATCH_BYTES);
+        let mut it = first.into_iter();
+        let (a1, b2) = (it.next().unwrap(), it.next().unwrap());
+        s.ack(&b2);
+        s.retry(a1, Some(start + Duration::from_millis(100)));
+        s.push(rec(3, "a"));
+        s.push(rec(4, "c"));
+        // a waits for its delay (and 3 waits behind 1); c goes at once.
+        assert_eq!(s.delayed_len(), 1);
+        assert_eq!(s.next_retry_at(), Some(start + Duration::from_millis(100)));
+        assert_eq!(seqs(&s.next_batch(500, MAX_BATCH_BYTES)), vec![4]);
+        s.promote(start + Duration::from_millis(99));
+        assert_eq!(s.ready_len(), 0);
+        s.promote(start + Duration::from_millis(100));
+        assert_eq!(s.delayed_len(), 0);
+        let again = s.next_batch(500, MAX_BATCH_BYTES);
+        assert_eq!(seqs(&again), vec![1]);
+        assert_eq!(again[0].attempts, 1);
+        s.ack(&again[0]);
+        assert_eq!(seqs(&s.next_batch(500, MAX_BATCH_BYTES)), vec![3]);
+        assert_eq!(s.len(), 2, "c and a's 3 are in flight");
     }
 }

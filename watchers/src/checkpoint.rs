@@ -5,15 +5,23 @@
 //! `watcher` (S), `resume_token` (S, canonical Extended JSON of the opaque token),
 //! `cluster_time` (M `{t, i}`, when known), `paused` (BOOL), `revision` (N, +1 per write),
 //! `updated_at` (S, RFC 3339). Every write names the revision it replaces, so two processes
-//! running the same watcher cannot silently overwrite each other.
+//! running the same watcher cannot silently overwrite each other. A write whose outcome is
+//! unknown (no answer, a dropped connection) is settled by reading the item back
+//! ([`Checkpointer`]), so the watcher's own write is never taken for a second writer.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, KeyType};
 use bson::{Bson, DateTime, Timestamp};
+use tracing::{debug, info};
 
-use crate::error::WatcherError;
+use crate::ack::{AckTracker, Position};
+use crate::error::{InDoubt, WatcherError};
 
 /// What a checkpoint says.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,7 +134,8 @@ impl CheckpointStore {
     }
 
     /// Writes `checkpoint` if the stored revision is still `expected` (`None`: no item yet).
-    /// Returns the new revision.
+    /// Returns the new revision. A failure that may have been applied anyway is
+    /// [`WatcherError::CheckpointInDoubt`]; [`Checkpointer`] settles it by reading back.
     pub async fn save(
         &self,
         watcher: &str,
@@ -161,22 +170,35 @@ impl CheckpointStore {
                 .condition_expression("attribute_not_exists(watcher) OR revision = :expected")
                 .expression_attribute_values(":expected", AttributeValue::N(r.to_string())),
         };
-        match req.send().await {
-            Ok(_) => Ok(revision),
-            Err(SdkError::ServiceError(e)) if e.err().is_conditional_check_failed_exception() => {
+        // No SDK retries: a retried conditional write whose first attempt was applied fails its
+        // own condition, and nothing could then tell it from a second writer. Every failure
+        // reaches the checkpointer classified instead, and the next tick retries.
+        let no_retries = aws_sdk_dynamodb::Config::builder().retry_config(RetryConfig::disabled());
+        let err = match req.customize().config_override(no_retries).send().await {
+            Ok(_) => return Ok(revision),
+            Err(err) => err,
+        };
+        let error = match classify_put_failure(&err, |raw: &HttpResponse| raw.status().as_u16()) {
+            PutFailure::ConditionFailed => {
                 let found = match self.load(watcher).await {
                     Ok(Some(s)) => s.revision.to_string(),
                     Ok(None) => "no item".into(),
                     Err(e) => format!("unknown ({e})"),
                 };
-                Err(WatcherError::CheckpointConflict {
+                WatcherError::CheckpointConflict {
                     watcher: watcher.to_owned(),
                     expected: expected.unwrap_or(0),
                     found,
-                })
+                }
             }
-            Err(e) => Err(self.error("PutItem", e)),
-        }
+            PutFailure::InDoubt(cause) => WatcherError::CheckpointInDoubt {
+                table: self.table.clone(),
+                operation: "PutItem",
+                cause,
+            },
+            PutFailure::NotApplied => self.error("PutItem", err),
+        };
+        Err(error)
     }
 
     async fn load_legacy(
@@ -261,6 +283,345 @@ impl CheckpointStore {
             operation,
             message: DisplayErrorContext(&err).to_string(),
         }
+    }
+}
+
+/// What a failed conditional PutItem says about the item.
+#[derive(Debug, PartialEq)]
+enum PutFailure {
+    /// The condition failed: the stored revision is not the one the write named.
+    ConditionFailed,
+    /// The request may have been applied (see [`InDoubt`]).
+    InDoubt(InDoubt),
+    /// Refused or never sent: nothing was written (throttling, validation, a missing table).
+    NotApplied,
+}
+
+/// Sorts a PutItem failure by what it says about the item. `status` reads the HTTP status of a
+/// raw response (a parameter so that tests need no HTTP types).
+fn classify_put_failure<R>(
+    err: &SdkError<PutItemError, R>,
+    status: impl Fn(&R) -> u16,
+) -> PutFailure
+where
+    R: std::fmt::Debug,
+{
+    let detail = || DisplayErrorContext(err).to_string();
+    match err {
+        SdkError::ConstructionFailure(_) => PutFailure::NotApplied,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
+            PutFailure::InDoubt(InDoubt::Transport { detail: detail() })
+        }
+        SdkError::ResponseError(_) => {
+            PutFailure::InDoubt(InDoubt::UnreadableAnswer { detail: detail() })
+        }
+        SdkError::ServiceError(e) if e.err().is_conditional_check_failed_exception() => {
+            PutFailure::ConditionFailed
+        }
+        SdkError::ServiceError(e) => match status(e.raw()) {
+            code @ 500.. => PutFailure::InDoubt(InDoubt::ServerError {
+                status: code,
+                detail: detail(),
+            }),
+            _ => PutFailure::NotApplied,
+        },
+        _ => PutFailure::InDoubt(InDoubt::Transport { detail: detail() }),
+    }
+}
+
+/// Where checkpoints are kept: DynamoDB ([`CheckpointStore`]) in production, memory in the
+/// pipeline's unit tests.
+pub trait CheckpointBackend: Send + Sync {
+    /// The table's name, for error messages.
+    fn table(&self) -> &str;
+
+    /// The stored checkpoint of `watcher`, if any, read consistently: the checkpointer reads
+    /// a write with an unknown outcome back through it.
+    fn load(
+        &self,
+        watcher: &str,
+    ) -> impl std::future::Future<Output = Result<Option<Stored>, WatcherError>> + Send;
+
+    /// Writes `checkpoint` if the stored revision is still `expected` (`None`: no item yet;
+    /// `Some`: that revision, or no item, as `CheckpointStore`'s condition expression). Returns
+    /// the new revision; [`WatcherError::CheckpointConflict`] when the condition failed, and
+    /// [`WatcherError::CheckpointInDoubt`] when the write may have been applied anyway.
+    fn save(
+        &self,
+        watcher: &str,
+        expected: Option<u64>,
+        checkpoint: &Checkpoint,
+    ) -> impl std::future::Future<Output = Result<u64, WatcherError>> + Send;
+}
+
+impl CheckpointBackend for CheckpointStore {
+    fn table(&self) -> &str {
+        CheckpointStore::table(self)
+    }
+
+    async fn load(&self, watcher: &str) -> Result<Option<Stored>, WatcherError> {
+        CheckpointStore::load(self, watcher).await
+    }
+
+    async fn save(
+        &self,
+        watcher: &str,
+        expected: Option<u64>,
+        checkpoint: &Checkpoint,
+    ) -> Result<u64, WatcherError> {
+        CheckpointStore::save(self, watcher, expected, checkpoint).await
+    }
+}
+
+/// Longest a checkpoint write may take before it is abandoned and tried at the next tick.
+pub const CHECKPOINT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the read-back that settles a write with an unknown outcome may take.
+pub const CHECKPOINT_READ_BACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// In-doubt writes remembered at most; each retry at the same revision adds one.
+const MAX_IN_DOUBT: usize = 16;
+
+/// The checkpoint writer of one watcher's life: what it last wrote and the revision the next
+/// write must name. It writes the ack frontier, never more.
+///
+/// A write can end without knowing whether DynamoDB applied it (a timeout, a dropped
+/// connection, an unreadable answer, a 5xx). Taking it as failed would keep the old revision,
+/// and the next write would then fail its condition against the watcher's own write and stop
+/// the watcher as if a second instance ran. So such a write is settled by reading the item
+/// back: holding exactly what was written means applied. When the read-back fails too, the
+/// write is remembered, and a later conditional-check failure is compared with it before it
+/// counts as a second writer.
+#[derive(Debug, Default)]
+pub struct Checkpointer {
+    /// The revision the next write must replace (`None`: no item yet).
+    pub revision: Option<u64>,
+    /// What the next write stores as `paused`.
+    pub paused: bool,
+    written_paused: bool,
+    last_written: Option<Position>,
+    /// A start position known only by time (no token yet).
+    pub initial_time: Option<bson::Timestamp>,
+    /// Writes naming the current `revision` whose outcome is not known, oldest first. One of
+    /// them may still be (or already have been) applied; none can once the revision moves.
+    in_doubt: Vec<Attempt>,
+}
+
+/// One write as sent: what the item holds if it was applied.
+#[derive(Debug, Clone)]
+struct Attempt {
+    revision: u64,
+    checkpoint: Checkpoint,
+    position: Option<Position>,
+}
+
+impl Attempt {
+    /// Whether `stored` is this write. Tokens are compared after their round trip through
+    /// canonical Extended JSON, which keeps every BSON type.
+    fn is(&self, stored: &Stored) -> bool {
+        stored.revision == self.revision && stored.checkpoint == self.checkpoint
+    }
+}
+
+/// How one save ended when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Saved {
+    /// This write is stored, at this revision.
+    Written(u64),
+    /// An earlier write of ours with an unknown outcome is stored; this one was not applied.
+    Adopted,
+}
+
+impl Checkpointer {
+    /// Writes the frontier if it moved, or the paused flag changed (or `force`); keeps the
+    /// revision for the next write. Returns whether it wrote. A write with an unknown outcome
+    /// is settled before this returns when the item can be read; every error but
+    /// [`WatcherError::CheckpointConflict`] is retryable at the next tick.
+    pub async fn write(
+        &mut self,
+        store: &impl CheckpointBackend,
+        watcher: &str,
+        tracker: &AckTracker,
+        force: bool,
+    ) -> Result<bool, WatcherError> {
+        let frontier = tracker.frontier();
+        if !force && frontier == self.last_written.as_ref() && self.paused == self.written_paused {
+            return Ok(false);
+        }
+        let checkpoint = match frontier {
+            Some(p) => Checkpoint {
+                token: Some(p.token.clone()),
+                cluster_time: p.cluster_time.or(tracker.frontier_event_time()),
+                paused: self.paused,
+            },
+            None => match self.initial_time {
+                Some(ts) => Checkpoint {
+                    token: None,
+                    cluster_time: Some(ts),
+                    paused: self.paused,
+                },
+                // Nothing known yet; there is nothing to protect.
+                None => return Ok(false),
+            },
+        };
+        let mut saved = self.save(store, watcher, &checkpoint, frontier).await?;
+        if saved == Saved::Adopted {
+            if self.last_written.as_ref() == frontier && self.written_paused == checkpoint.paused {
+                // The earlier write already holds what this one would store.
+                return Ok(true);
+            }
+            // Once more on top of it; no earlier write is in doubt any more, so this cannot
+            // adopt again.
+            saved = self.save(store, watcher, &checkpoint, frontier).await?;
+        }
+        let Saved::Written(revision) = saved else {
+            return Ok(false);
+        };
+        debug!(
+            revision,
+            token = %checkpoint
+                .token
+                .as_ref()
+                .map(|t| t.clone().into_relaxed_extjson().to_string())
+                .unwrap_or_default(),
+            "checkpoint written"
+        );
+        self.settle(revision, frontier.cloned(), checkpoint.paused);
+        Ok(true)
+    }
+
+    /// One compare-and-set write, with an unknown outcome settled by reading the item back.
+    async fn save(
+        &mut self,
+        store: &impl CheckpointBackend,
+        watcher: &str,
+        checkpoint: &Checkpoint,
+        position: Option<&Position>,
+    ) -> Result<Saved, WatcherError> {
+        let expected = self.revision;
+        let attempt = Attempt {
+            revision: expected.map_or(1, |r| r + 1),
+            checkpoint: checkpoint.clone(),
+            position: position.cloned(),
+        };
+        let write = store.save(watcher, expected, checkpoint);
+        let result = match tokio::time::timeout(CHECKPOINT_WRITE_TIMEOUT, write).await {
+            Ok(result) => result,
+            Err(_) => Err(WatcherError::CheckpointInDoubt {
+                table: store.table().to_owned(),
+                operation: "PutItem",
+                cause: InDoubt::NoAnswer {
+                    after: CHECKPOINT_WRITE_TIMEOUT,
+                },
+            }),
+        };
+        match result {
+            Ok(revision) => Ok(Saved::Written(revision)),
+            Err(WatcherError::CheckpointInDoubt { cause, .. }) => {
+                let stored = match read_back(store, watcher).await {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        let revision = attempt.revision;
+                        self.remember(attempt);
+                        return Err(WatcherError::CheckpointUnconfirmed {
+                            table: store.table().to_owned(),
+                            revision,
+                            read_back: Box::new(e),
+                        });
+                    }
+                };
+                match stored {
+                    Some(s) if attempt.is(&s) => {
+                        info!(
+                            revision = s.revision,
+                            cause = %cause,
+                            "checkpoint write confirmed by read-back"
+                        );
+                        Ok(Saved::Written(s.revision))
+                    }
+                    Some(s) if self.adopt(&s) => Ok(Saved::Adopted),
+                    // Someone else's write: a second writer, exactly what the revision guards.
+                    Some(s) if Some(s.revision) != expected => {
+                        Err(WatcherError::CheckpointConflict {
+                            watcher: watcher.to_owned(),
+                            expected: expected.unwrap_or(0),
+                            found: s.revision.to_string(),
+                        })
+                    }
+                    // Still what this write replaces: not applied, or not yet. Remembered, in
+                    // case it lands after the read.
+                    _ => {
+                        let revision = attempt.revision;
+                        self.remember(attempt);
+                        Err(WatcherError::CheckpointNotApplied {
+                            table: store.table().to_owned(),
+                            revision,
+                            cause,
+                        })
+                    }
+                }
+            }
+            // The condition may have failed on our own earlier write that was in doubt.
+            Err(conflict @ WatcherError::CheckpointConflict { .. })
+                if !self.in_doubt.is_empty() =>
+            {
+                match read_back(store, watcher).await {
+                    Ok(Some(s)) if self.adopt(&s) => Ok(Saved::Adopted),
+                    Ok(_) => Err(conflict),
+                    Err(e) => Err(WatcherError::CheckpointUnconfirmed {
+                        table: store.table().to_owned(),
+                        revision: attempt.revision,
+                        read_back: Box::new(e),
+                    }),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes `stored` as ours when it is one of the writes in doubt.
+    fn adopt(&mut self, stored: &Stored) -> bool {
+        let Some(attempt) = self.in_doubt.iter().find(|a| a.is(stored)).cloned() else {
+            return false;
+        };
+        info!(
+            revision = attempt.revision,
+            "an earlier checkpoint write with an unknown outcome was applied; continuing from it"
+        );
+        self.settle(
+            attempt.revision,
+            attempt.position,
+            attempt.checkpoint.paused,
+        );
+        true
+    }
+
+    /// The item now holds `revision`: the next write names it, and no earlier write can apply.
+    fn settle(&mut self, revision: u64, position: Option<Position>, paused: bool) {
+        self.revision = Some(revision);
+        self.last_written = position;
+        self.written_paused = paused;
+        self.in_doubt.clear();
+    }
+
+    fn remember(&mut self, attempt: Attempt) {
+        if self.in_doubt.len() == MAX_IN_DOUBT {
+            self.in_doubt.remove(0);
+        }
+        self.in_doubt.push(attempt);
+    }
+}
+
+/// The stored item, read consistently, within [`CHECKPOINT_READ_BACK_TIMEOUT`].
+async fn read_back(
+    store: &impl CheckpointBackend,
+    watcher: &str,
+) -> Result<Option<Stored>, WatcherError> {
+    match tokio::time::timeout(CHECKPOINT_READ_BACK_TIMEOUT, store.load(watcher)).await {
+        Ok(result) => result,
+        Err(_) => Err(WatcherError::Checkpoint {
+            table: store.table().to_owned(),
+            operation: "GetItem",
+            message: format!("no answer within {CHECKPOINT_READ_BACK_TIMEOUT:?}"),
+        }),
     }
 }
 
@@ -381,6 +742,234 @@ pub fn parse_token(text: &str) -> Result<Bson, String> {
     Bson::try_from(value).map_err(|e| format!("`resume_token` is not Extended JSON: {e}"))
 }
 
+/// An in-memory [`CheckpointBackend`] for unit tests: DynamoDB's compare-and-set on the
+/// revision, and faults injected per call.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::{Arc, Mutex, MutexGuard};
+
+    use tokio::time::Instant;
+
+    use super::{Checkpoint, CheckpointBackend, Stored};
+    use crate::error::{InDoubt, WatcherError};
+
+    /// The table name in errors.
+    pub(crate) const TABLE: &str = "memory";
+
+    /// What the next save does instead of answering normally.
+    #[derive(Debug, Clone, PartialEq)]
+    pub(crate) enum Fault {
+        /// Applied (if its condition holds), then no answer ever comes.
+        ApplyThenHang,
+        /// Applied (if its condition holds), then the connection fails: outcome unknown.
+        ApplyThenError,
+        /// Not applied, and no answer ever comes.
+        Hang,
+        /// Not applied, and the connection fails: outcome unknown to the caller.
+        LostThenError,
+        /// Refused, definitely not applied (as a throttled request).
+        Reject,
+        /// A second writer's unconditional write of this checkpoint lands first; then this
+        /// save's connection fails (outcome unknown) without applying it.
+        SecondWriterThenError(Checkpoint),
+    }
+
+    #[derive(Debug, Default)]
+    struct Inner {
+        items: HashMap<String, Stored>,
+        /// Every write applied through `save`, when (tokio's clock, so paused tests see it).
+        written: Vec<(Instant, Checkpoint)>,
+        save_faults: VecDeque<Fault>,
+        load_failures: usize,
+        saves: usize,
+        loads: usize,
+    }
+
+    /// Clones share one table, so a test can keep a handle on what the code under test writes.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct MemoryCheckpoints {
+        inner: Arc<Mutex<Inner>>,
+    }
+
+    enum Answer {
+        Now(Result<u64, WatcherError>),
+        Never,
+    }
+
+    impl MemoryCheckpoints {
+        pub(crate) fn new() -> Self {
+            Self::default()
+        }
+
+        fn lock(&self) -> MutexGuard<'_, Inner> {
+            // A test that panicked while holding the lock has failed already.
+            self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        /// The next save (one per call, in order) meets `fault`.
+        pub(crate) fn fail_next_save(&self, fault: Fault) {
+            self.lock().save_faults.push_back(fault);
+        }
+
+        /// The next `n` loads fail.
+        pub(crate) fn fail_next_loads(&self, n: usize) {
+            self.lock().load_failures += n;
+        }
+
+        /// The item as stored, read without faults.
+        pub(crate) fn stored(&self, watcher: &str) -> Option<Stored> {
+            self.lock().items.get(watcher).cloned()
+        }
+
+        /// Stores `stored` as it is (a checkpoint written before the test).
+        pub(crate) fn insert(&self, watcher: &str, stored: Stored) {
+            self.lock().items.insert(watcher.to_owned(), stored);
+        }
+
+        /// A second writer's unconditional write: the revision moves on by one. Returns it.
+        pub(crate) fn write_as_second_writer(&self, watcher: &str, checkpoint: Checkpoint) -> u64 {
+            let mut inner = self.lock();
+            second_write(&mut inner.items, watcher, checkpoint)
+        }
+
+        /// The checkpoints `save` applied (answered or not), oldest first, with their time.
+        pub(crate) fn written(&self) -> Vec<(Instant, Checkpoint)> {
+            self.lock().written.clone()
+        }
+
+        /// Save calls so far, faulty ones included.
+        pub(crate) fn saves(&self) -> usize {
+            self.lock().saves
+        }
+
+        /// Load calls so far, failed ones included.
+        pub(crate) fn loads(&self) -> usize {
+            self.lock().loads
+        }
+    }
+
+    fn second_write(
+        items: &mut HashMap<String, Stored>,
+        watcher: &str,
+        checkpoint: Checkpoint,
+    ) -> u64 {
+        let revision = items.get(watcher).map_or(1, |s| s.revision + 1);
+        items.insert(
+            watcher.to_owned(),
+            Stored {
+                checkpoint,
+                revision,
+                updated_at: None,
+            },
+        );
+        revision
+    }
+
+    /// `attribute_not_exists(watcher)` when `expected` is `None`, else
+    /// `attribute_not_exists(watcher) OR revision = :expected`, as `CheckpointStore::save`.
+    fn compare_and_set(
+        inner: &mut Inner,
+        watcher: &str,
+        expected: Option<u64>,
+        checkpoint: &Checkpoint,
+    ) -> Result<u64, WatcherError> {
+        let current = inner.items.get(watcher).map(|s| s.revision);
+        let holds = match (expected, current) {
+            (_, None) => true,
+            (None, Some(_)) => false,
+            (Some(e), Some(c)) => e == c,
+        };
+        if !holds {
+            return Err(WatcherError::CheckpointConflict {
+                watcher: watcher.to_owned(),
+                expected: expected.unwrap_or(0),
+                found: current.map_or_else(|| "no item".into(), |r| r.to_string()),
+            });
+        }
+        let revision = expected.map_or(1, |r| r + 1);
+        inner.items.insert(
+            watcher.to_owned(),
+            Stored {
+                checkpoint: checkpoint.clone(),
+                revision,
+                updated_at: None,
+            },
+        );
+        inner.written.push((Instant::now(), checkpoint.clone()));
+        Ok(revision)
+    }
+
+    fn lost() -> WatcherError {
+        WatcherError::CheckpointInDoubt {
+            table: TABLE.into(),
+            operation: "PutItem",
+            cause: InDoubt::Transport {
+                detail: "injected".into(),
+            },
+        }
+    }
+
+    impl CheckpointBackend for MemoryCheckpoints {
+        fn table(&self) -> &str {
+            TABLE
+        }
+
+        async fn load(&self, watcher: &str) -> Result<Option<Stored>, WatcherError> {
+            let mut inner = self.lock();
+            inner.loads += 1;
+            if inner.load_failures > 0 {
+                inner.load_failures -= 1;
+                return Err(WatcherError::Checkpoint {
+                    table: TABLE.into(),
+                    operation: "GetItem",
+                    message: "injected".into(),
+                });
+            }
+            Ok(inner.items.get(watcher).cloned())
+        }
+
+        async fn save(
+            &self,
+            watcher: &str,
+            expected: Option<u64>,
+            checkpoint: &Checkpoint,
+        ) -> Result<u64, WatcherError> {
+            let answer = {
+                let mut guard = self.lock();
+                let inner = &mut *guard;
+                inner.saves += 1;
+                match inner.save_faults.pop_front() {
+                    None => Answer::Now(compare_and_set(inner, watcher, expected, checkpoint)),
+                    Some(Fault::ApplyThenHang) => {
+                        let _ = compare_and_set(inner, watcher, expected, checkpoint);
+                        Answer::Never
+                    }
+                    Some(Fault::ApplyThenError) => {
+                        let _ = compare_and_set(inner, watcher, expected, checkpoint);
+                        Answer::Now(Err(lost()))
+                    }
+                    Some(Fault::Hang) => Answer::Never,
+                    Some(Fault::LostThenError) => Answer::Now(Err(lost())),
+                    Some(Fault::Reject) => Answer::Now(Err(WatcherError::Checkpoint {
+                        table: TABLE.into(),
+                        operation: "PutItem",
+                        message: "injected".into(),
+                    })),
+                    Some(Fault::SecondWriterThenError(other)) => {
+                        second_write(&mut inner.items, watcher, other);
+                        Answer::Now(Err(lost()))
+                    }
+                }
+            };
+            match answer {
+                Answer::Now(result) => result,
+                Answer::Never => std::future::pending().await,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,5 +1036,335 @@ mod tests {
         item.insert("resume_token".into(), AttributeValue::S("{not json".into()));
         let err = parse_item("w", &item).unwrap_err().to_string();
         assert!(err.contains("`resume_token` is not JSON"), "{err}");
+    }
+
+    // ---- the checkpointer settling writes with unknown outcomes (issue 7, item 6) ----
+
+    use super::fake::{Fault, MemoryCheckpoints};
+    use crate::status::State;
+
+    const W: &str = "w";
+
+    fn token(n: u32) -> Bson {
+        Bson::Document(doc! {"_data": format!("82{n:08}")})
+    }
+
+    fn at(n: u32) -> Checkpoint {
+        Checkpoint {
+            token: Some(token(n)),
+            cluster_time: None,
+            paused: false,
+        }
+    }
+
+    /// A tracker whose frontier is `token(n)`.
+    fn tracker_at(n: u32) -> AckTracker {
+        let mut t = AckTracker::new();
+        t.push_idle(token(n));
+        t
+    }
+
+    /// A checkpointer that has written revision 1 at `token(1)`.
+    async fn started(store: &MemoryCheckpoints) -> Checkpointer {
+        let mut cp = Checkpointer::default();
+        assert!(cp.write(store, W, &tracker_at(1), false).await.unwrap());
+        assert_eq!(cp.revision, Some(1));
+        cp
+    }
+
+    fn stored_at(store: &MemoryCheckpoints) -> (u64, Checkpoint) {
+        let s = store.stored(W).expect("an item");
+        (s.revision, s.checkpoint)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_applied_but_never_answered_is_confirmed_by_read_back() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = started(&store).await;
+        store.fail_next_save(Fault::ApplyThenHang);
+        let began = tokio::time::Instant::now();
+        assert!(cp.write(&store, W, &tracker_at(2), false).await.unwrap());
+        assert_eq!(
+            began.elapsed(),
+            CHECKPOINT_WRITE_TIMEOUT,
+            "it waited for the answer"
+        );
+        assert_eq!(cp.revision, Some(2));
+        // The next write names the revision of the write that was in doubt: no conflict.
+        assert!(cp.write(&store, W, &tracker_at(3), false).await.unwrap());
+        assert_eq!(stored_at(&store), (3, at(3)));
+        assert_eq!(store.loads(), 1, "one read-back");
+    }
+
+    #[tokio::test]
+    async fn a_write_applied_then_lost_is_confirmed_by_read_back() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = started(&store).await;
+        store.fail_next_save(Fault::ApplyThenError);
+        assert!(cp.write(&store, W, &tracker_at(2), false).await.unwrap());
+        assert_eq!(cp.revision, Some(2));
+        assert!(cp.write(&store, W, &tracker_at(3), false).await.unwrap());
+        assert_eq!(stored_at(&store), (3, at(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_not_applied_fails_retryably_and_the_next_tick_writes() {
+        for fault in [Fault::Hang, Fault::LostThenError] {
+            let store = MemoryCheckpoints::new();
+            let mut cp = started(&store).await;
+            store.fail_next_save(fault.clone());
+            let err = cp
+                .write(&store, W, &tracker_at(2), false)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, WatcherError::CheckpointNotApplied { revision: 2, .. }),
+                "{fault:?}: {err}"
+            );
+            assert_eq!(err.state(), State::BackingOff);
+            assert_eq!(cp.revision, Some(1));
+            assert_eq!(stored_at(&store), (1, at(1)));
+            // The next tick retries the same frontier, on the same revision.
+            assert!(cp.write(&store, W, &tracker_at(2), false).await.unwrap());
+            assert_eq!(stored_at(&store), (2, at(2)), "{fault:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_definite_failure_is_not_read_back() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = started(&store).await;
+        store.fail_next_save(Fault::Reject);
+        let err = cp
+            .write(&store, W, &tracker_at(2), false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WatcherError::Checkpoint { .. }), "{err}");
+        assert_eq!(store.loads(), 0);
+        assert!(cp.write(&store, W, &tracker_at(2), false).await.unwrap());
+        assert_eq!(stored_at(&store), (2, at(2)));
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_is_a_conflict() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = started(&store).await;
+        store.write_as_second_writer(W, at(9));
+        let err = cp
+            .write(&store, W, &tracker_at(2), false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WatcherError::CheckpointConflict { expected: 1, .. }),
+            "{err}"
+        );
+        assert_eq!(err.state(), State::Failed);
+        assert_eq!(
+            stored_at(&store),
+            (2, at(9)),
+            "the other writer's item is kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_seen_by_the_read_back_is_a_conflict() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = started(&store).await;
+        store.fail_next_save(Fault::SecondWriterThenError(at(9)));
+        let err = cp
+            .write(&store, W, &tracker_at(2), false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WatcherError::CheckpointConflict { expected: 1, .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_that_could_not_be_read_back_is_matched_at_the_next_conflict() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = started(&store).await;
+        store.fail_next_save(Fault::ApplyThenError);
+        store.fail_next_loads(1);
+        let err = cp
+            .write(&store, W, &tracker_at(2), false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WatcherError::CheckpointUnconfirmed { revision: 2, .. }),
+            "{err}"
+        );
+        assert_eq!(err.state(), State::BackingOff);
+        assert_eq!(cp.revision, Some(1), "not taken as written without proof");
+        // Revision 1 is named again and fails its condition on our own revision 2.
+        assert!(cp.write(&store, W, &tracker_at(3), false).await.unwrap());
+        assert_eq!(cp.revision, Some(3));
+        assert_eq!(stored_at(&store), (3, at(3)));
+    }
+
+    #[tokio::test]
+    async fn an_adopted_write_holding_the_frontier_is_not_written_again() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = started(&store).await;
+        store.fail_next_save(Fault::ApplyThenError);
+        store.fail_next_loads(1);
+        assert!(cp.write(&store, W, &tracker_at(2), false).await.is_err());
+        let saves = store.saves();
+        assert!(cp.write(&store, W, &tracker_at(2), false).await.unwrap());
+        assert_eq!(store.saves(), saves + 1, "one failed write, then adoption");
+        assert_eq!(cp.revision, Some(2));
+        assert!(!cp.write(&store, W, &tracker_at(2), false).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_after_a_write_in_doubt_is_still_a_conflict() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = started(&store).await;
+        store.fail_next_save(Fault::LostThenError);
+        store.fail_next_loads(1);
+        assert!(cp.write(&store, W, &tracker_at(2), false).await.is_err());
+        // Our revision and token, but not what we wrote: `paused` differs.
+        store.write_as_second_writer(
+            W,
+            Checkpoint {
+                paused: true,
+                ..at(2)
+            },
+        );
+        let err = cp
+            .write(&store, W, &tracker_at(3), false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WatcherError::CheckpointConflict { expected: 1, .. }),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_conflict_is_not_declared_while_the_item_cannot_be_read() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = started(&store).await;
+        store.fail_next_save(Fault::ApplyThenError);
+        store.fail_next_loads(2);
+        assert!(cp.write(&store, W, &tracker_at(2), false).await.is_err());
+        let err = cp
+            .write(&store, W, &tracker_at(3), false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WatcherError::CheckpointUnconfirmed { .. }),
+            "{err}"
+        );
+        // Readable again: the write in doubt is ours.
+        assert!(cp.write(&store, W, &tracker_at(3), false).await.unwrap());
+        assert_eq!(stored_at(&store), (3, at(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_lands_after_its_read_back_is_adopted() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = started(&store).await;
+        store.fail_next_save(Fault::Hang);
+        let err = cp
+            .write(&store, W, &tracker_at(2), false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WatcherError::CheckpointNotApplied { .. }),
+            "{err}"
+        );
+        // The abandoned request is applied late, after the read-back saw revision 1.
+        store.insert(
+            W,
+            Stored {
+                checkpoint: at(2),
+                revision: 2,
+                updated_at: None,
+            },
+        );
+        assert!(cp.write(&store, W, &tracker_at(3), false).await.unwrap());
+        assert_eq!(stored_at(&store), (3, at(3)));
+    }
+
+    #[tokio::test]
+    async fn a_first_write_in_doubt_is_confirmed_too() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = Checkpointer::default();
+        store.fail_next_save(Fault::ApplyThenError);
+        assert!(cp.write(&store, W, &tracker_at(1), true).await.unwrap());
+        assert_eq!(cp.revision, Some(1));
+        assert_eq!(stored_at(&store), (1, at(1)));
+    }
+
+    #[tokio::test]
+    async fn the_fake_compares_and_sets_as_dynamodb() {
+        let store = MemoryCheckpoints::new();
+        assert_eq!(store.save(W, None, &at(1)).await.unwrap(), 1);
+        let conflict = |r: Result<u64, WatcherError>| {
+            matches!(r, Err(WatcherError::CheckpointConflict { .. }))
+        };
+        assert!(conflict(store.save(W, None, &at(2)).await), "item exists");
+        assert!(
+            conflict(store.save(W, Some(5), &at(2)).await),
+            "wrong revision"
+        );
+        assert_eq!(store.save(W, Some(1), &at(2)).await.unwrap(), 2);
+        // `attribute_not_exists(watcher) OR revision = :expected`: a missing item is written.
+        assert_eq!(store.save("other", Some(7), &at(1)).await.unwrap(), 8);
+        assert_eq!(store.load(W).await.unwrap().map(|s| s.revision), Some(2));
+        let written: Vec<_> = store.written().into_iter().map(|(_, c)| c).collect();
+        assert_eq!(written, [at(1), at(2), at(1)], "applied writes, in order");
+        store.fail_next_loads(1);
+        assert!(store.load(W).await.is_err());
+        assert!(store.load(W).await.is_ok());
+    }
+
+    #[test]
+    fn put_failures_are_sorted_by_what_they_say_about_the_item() {
+        use aws_sdk_dynamodb::error::ConnectorError;
+        use aws_sdk_dynamodb::types::error::{
+            ConditionalCheckFailedException, InternalServerError,
+            ProvisionedThroughputExceededException,
+        };
+        let classify = |e: SdkError<PutItemError, u16>| classify_put_failure(&e, |s: &u16| *s);
+        let ccf = PutItemError::ConditionalCheckFailedException(
+            ConditionalCheckFailedException::builder().build(),
+        );
+        assert_eq!(
+            classify(SdkError::service_error(ccf, 400)),
+            PutFailure::ConditionFailed
+        );
+        let throttled = PutItemError::ProvisionedThroughputExceededException(
+            ProvisionedThroughputExceededException::builder().build(),
+        );
+        assert_eq!(
+            classify(SdkError::service_error(throttled, 400)),
+            PutFailure::NotApplied
+        );
+        let internal = PutItemError::InternalServerError(InternalServerError::builder().build());
+        assert!(matches!(
+            classify(SdkError::service_error(internal, 500)),
+            PutFailure::InDoubt(InDoubt::ServerError { status: 500, .. })
+        ));
+        assert!(matches!(
+            classify(SdkError::timeout_error("attempt timeout")),
+            PutFailure::InDoubt(InDoubt::Transport { .. })
+        ));
+        assert!(matches!(
+            classify(SdkError::dispatch_failure(ConnectorError::io(
+                "connection closed before message completed".into()
+            ))),
+            PutFailure::InDoubt(InDoubt::Transport { .. })
+        ));
+        assert!(matches!(
+            classify(SdkError::response_error("truncated body", 200)),
+            PutFailure::InDoubt(InDoubt::UnreadableAnswer { .. })
+        ));
+        assert_eq!(
+            classify(SdkError::construction_failure("bad input")),
+            PutFailure::NotApplied
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! The one error type of the pipeline, classified once: retryable errors restart the watcher
 //! with backoff; the others park it in a named state until an operator acts.
 
+use std::time::Duration;
+
 use crate::status::State;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,38 @@ pub enum WatcherError {
         found: String,
     },
 
+    /// A checkpoint write that may or may not have been applied; only reading the item back
+    /// can tell (see `checkpoint::Checkpointer`).
+    #[error("checkpoint table `{table}`: {operation} outcome unknown: {cause}")]
+    CheckpointInDoubt {
+        table: String,
+        operation: &'static str,
+        cause: InDoubt,
+    },
+
+    /// A write with an unknown outcome that the read-back showed was not applied.
+    #[error(
+        "checkpoint table `{table}`: the write of revision {revision} was not applied ({cause}); \
+         it is retried at the next checkpoint"
+    )]
+    CheckpointNotApplied {
+        table: String,
+        revision: u64,
+        cause: InDoubt,
+    },
+
+    /// A write whose outcome could not be settled because the item could not be read back;
+    /// the next write settles it.
+    #[error(
+        "checkpoint table `{table}`: whether the write of revision {revision} was applied is \
+         unknown, and reading the item back failed: {read_back}"
+    )]
+    CheckpointUnconfirmed {
+        table: String,
+        revision: u64,
+        read_back: Box<WatcherError>,
+    },
+
     #[error("stored checkpoint of watcher `{watcher}` is unreadable: {message}")]
     CorruptCheckpoint { watcher: String, message: String },
 
@@ -67,9 +101,12 @@ impl WatcherError {
         match self {
             Self::HistoryLost { .. } => State::HistoryLost,
             Self::Invalidated => State::Invalidated,
-            Self::Mongo(_) | Self::CheckpointTableMissing { .. } | Self::Checkpoint { .. } => {
-                State::BackingOff
-            }
+            Self::Mongo(_)
+            | Self::CheckpointTableMissing { .. }
+            | Self::Checkpoint { .. }
+            | Self::CheckpointInDoubt { .. }
+            | Self::CheckpointNotApplied { .. }
+            | Self::CheckpointUnconfirmed { .. } => State::BackingOff,
             Self::CheckpointConflict { .. }
             | Self::CorruptCheckpoint { .. }
             | Self::Oversized { .. }
@@ -82,6 +119,24 @@ impl WatcherError {
     pub fn is_retryable(&self) -> bool {
         self.state() == State::BackingOff
     }
+}
+
+/// Why a checkpoint write's outcome is unknown: the request may have reached DynamoDB and been
+/// applied even though no success came back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InDoubt {
+    /// Our own deadline passed before any answer.
+    #[error("no answer within {after:?}")]
+    NoAnswer { after: Duration },
+    /// The connection failed or the SDK timed out after the request may have been sent.
+    #[error("the request may have been sent, then the connection failed: {detail}")]
+    Transport { detail: String },
+    /// An answer came that could not be read.
+    #[error("the answer could not be read: {detail}")]
+    UnreadableAnswer { detail: String },
+    /// A 5xx: DynamoDB documents that such a request may or may not have succeeded.
+    #[error("server error (HTTP {status}): {detail}")]
+    ServerError { status: u16, detail: String },
 }
 
 /// MongoDB's ChangeStreamHistoryLost, and the older codes for a resume point that fell off

@@ -29,6 +29,29 @@ impl std::fmt::Display for CallError {
     }
 }
 
+/// Where a watcher's records go: Kinesis ([`KinesisSink`]) in production, memory in the
+/// pipeline's unit tests.
+pub trait RecordSink: Clone + Send + Sync + 'static {
+    /// The stream's name, for messages.
+    fn stream(&self) -> &str;
+
+    /// Sends `records` in one call. On success, returns one result per record, in order.
+    fn put(
+        &self,
+        records: &[PendingRecord],
+    ) -> impl std::future::Future<Output = Result<Vec<RecordResult>, CallError>> + Send;
+}
+
+impl RecordSink for KinesisSink {
+    fn stream(&self) -> &str {
+        KinesisSink::stream(self)
+    }
+
+    async fn put(&self, records: &[PendingRecord]) -> Result<Vec<RecordResult>, CallError> {
+        KinesisSink::put(self, records).await
+    }
+}
+
 #[derive(Clone)]
 pub struct KinesisSink {
     client: aws_sdk_kinesis::Client,

@@ -3,13 +3,15 @@
 //!
 //! Roles, one module each: [`reader`] (change stream), [`record`] (event to record),
 //! [`batch`] (per-key scheduling), [`kinesis`] (one PutRecords call), [`ack`] (the frontier),
-//! [`checkpoint`] (DynamoDB), [`pipeline`] (the loop), [`status`] (what it is doing).
+//! [`checkpoint`] (DynamoDB), [`flow`] (retry delays, the send limit, byte budgets),
+//! [`pipeline`] (the loop), [`status`] (what it is doing).
 
 pub mod ack;
 pub mod batch;
 pub mod checkpoint;
 pub mod control;
 pub mod error;
+pub mod flow;
 pub mod kinesis;
 pub mod metrics;
 pub mod pipeline;

@@ -15,7 +15,8 @@ pub struct Metrics {
     events: IntCounterVec,
     records_put: IntCounterVec,
     put_retries: IntCounterVec,
-    put_failures: IntCounterVec,
+    records_rejected: IntCounterVec,
+    calls_failed: IntCounterVec,
     records_skipped: IntCounterVec,
     checkpoint_writes: IntCounterVec,
     put_duration: HistogramVec,
@@ -24,6 +25,10 @@ pub struct Metrics {
     checkpoint_age: GaugeVec,
     state: IntGaugeVec,
     restarts: IntGaugeVec,
+    send_limit: IntGaugeVec,
+    pending_records: IntGaugeVec,
+    pending_bytes: IntGaugeVec,
+    records_delayed: IntGaugeVec,
 }
 
 fn counter(
@@ -53,6 +58,11 @@ impl Metrics {
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
+        let int_gauge = |name: &str, help: &str| -> prometheus::Result<IntGaugeVec> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["watcher"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
         let state = IntGaugeVec::new(
             Opts::new(
                 "mongo_watcher_watcher_state",
@@ -73,7 +83,8 @@ impl Metrics {
             events: counter(registry, "mongo_watcher_events_total", "Change events read, by operation type", &["watcher", "operation"])?,
             records_put: counter(registry, "mongo_watcher_records_put_total", "Records acknowledged by Kinesis", &["watcher"])?,
             put_retries: counter(registry, "mongo_watcher_put_retries_total", "Records sent again, by reason (record error code or whole-call failure)", &["watcher", "reason"])?,
-            put_failures: counter(registry, "mongo_watcher_put_failures_total", "Records Kinesis rejected or calls that failed, by error code", &["watcher", "error_code"])?,
+            records_rejected: counter(registry, "mongo_watcher_records_rejected_total", "Records Kinesis rejected inside an answered PutRecords call, by error code", &["watcher", "error_code"])?,
+            calls_failed: counter(registry, "mongo_watcher_put_calls_failed_total", "PutRecords calls that failed whole (error answer, timeout, connection), by error code", &["watcher", "error_code"])?,
             records_skipped: counter(registry, "mongo_watcher_records_skipped_total", "Events not delivered on purpose, by reason", &["watcher", "reason"])?,
             checkpoint_writes: counter(registry, "mongo_watcher_checkpoint_writes_total", "Checkpoints written to DynamoDB", &["watcher"])?,
             put_duration: histogram(
@@ -90,6 +101,10 @@ impl Metrics {
             checkpoint_age: gauge("mongo_watcher_checkpoint_age_seconds", "Seconds since the checkpoint was last written")?,
             state,
             restarts,
+            send_limit: int_gauge("mongo_watcher_send_limit", "PutRecords calls the watcher may have in flight now (adaptive, 1 to max_in_flight)")?,
+            pending_records: int_gauge("mongo_watcher_pending_records", "Records read and not yet acknowledged by Kinesis")?,
+            pending_bytes: int_gauge("mongo_watcher_pending_bytes", "Bytes of the records read and not yet acknowledged by Kinesis")?,
+            records_delayed: int_gauge("mongo_watcher_records_delayed", "Rejected records waiting for their own retry delay")?,
         })
     }
 
@@ -149,11 +164,30 @@ impl WatcherMetrics {
             .inc_by(n);
     }
 
-    pub fn failures(&self, error_code: &str, n: u64) {
+    pub fn records_rejected(&self, error_code: &str, n: u64) {
         self.metrics
-            .put_failures
+            .records_rejected
             .with_label_values(&[&self.watcher, error_code])
             .inc_by(n);
+    }
+
+    pub fn call_failed(&self, error_code: &str) {
+        self.metrics
+            .calls_failed
+            .with_label_values(&[&self.watcher, error_code])
+            .inc();
+    }
+
+    /// The flow-control gauges, set whenever the pipeline publishes its status.
+    pub fn flow(&self, send_limit: usize, pending: usize, pending_bytes: usize, delayed: usize) {
+        let set = |g: &IntGaugeVec, v: usize| {
+            g.with_label_values(&[&self.watcher])
+                .set(i64::try_from(v).unwrap_or(i64::MAX))
+        };
+        set(&self.metrics.send_limit, send_limit);
+        set(&self.metrics.pending_records, pending);
+        set(&self.metrics.pending_bytes, pending_bytes);
+        set(&self.metrics.records_delayed, delayed);
     }
 
     pub fn skipped(&self, reason: &str) {
@@ -176,7 +210,9 @@ mod tests {
         w.event("insert");
         w.records_put.inc_by(3);
         w.retries("ProvisionedThroughputExceededException", 2);
-        w.failures("ProvisionedThroughputExceededException", 2);
+        w.records_rejected("ProvisionedThroughputExceededException", 2);
+        w.call_failed("InternalFailure");
+        w.flow(3, 10, 1000, 2);
         w.skipped("oversized");
         w.checkpoint_writes.inc();
         w.put_duration.observe(0.02);
@@ -193,7 +229,12 @@ mod tests {
             "mongo_watcher_events_total{operation=\"insert\",watcher=\"orders\"} 1",
             "mongo_watcher_records_put_total{watcher=\"orders\"} 3",
             "mongo_watcher_put_retries_total",
-            "mongo_watcher_put_failures_total",
+            "mongo_watcher_records_rejected_total{error_code=\"ProvisionedThroughputExceededException\",watcher=\"orders\"} 2",
+            "mongo_watcher_put_calls_failed_total{error_code=\"InternalFailure\",watcher=\"orders\"} 1",
+            "mongo_watcher_send_limit{watcher=\"orders\"} 3",
+            "mongo_watcher_pending_records{watcher=\"orders\"} 10",
+            "mongo_watcher_pending_bytes{watcher=\"orders\"} 1000",
+            "mongo_watcher_records_delayed{watcher=\"orders\"} 2",
             "mongo_watcher_records_skipped_total{reason=\"oversized\",watcher=\"orders\"} 1",
             "mongo_watcher_checkpoint_writes_total{watcher=\"orders\"} 1",
             "mongo_watcher_put_duration_seconds_bucket",

@@ -2,7 +2,9 @@
 //! checkpoint the ack frontier, and stop at a safe point. The supervisor calls [`run`] again
 //! after a retryable error; everything a life needs is rebuilt from the checkpoint.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,14 +14,15 @@ use futures_util::Future;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::ack::{AckTracker, Position};
 use crate::batch::{PendingRecord, Scheduler};
-use crate::checkpoint::{Checkpoint, CheckpointStore};
+use crate::checkpoint::{CheckpointBackend, CheckpointStore, Checkpointer};
 use crate::control::Command;
 use crate::error::WatcherError;
-use crate::kinesis::{CallError, KinesisSink, RecordResult};
+use crate::flow::{record_delay, ByteBudget, Reservation, SendLimit};
+use crate::kinesis::{CallError, KinesisSink, RecordResult, RecordSink};
 use crate::metrics::{Metrics, WatcherMetrics};
 use crate::reader::{self, ReaderMsg, StartPosition};
 use crate::record::{self, MAX_RECORD_BYTES};
@@ -30,8 +33,6 @@ use crate::status::{State, StatusTx};
 /// How long a stopping watcher keeps sending what it has read before it gives up (the rest is
 /// read again after a restart: nothing past the frontier was checkpointed).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest a checkpoint write may take before it is abandoned and tried at the next tick.
-const CHECKPOINT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read-ahead between the reader task and the pipeline.
 const READER_CHANNEL: usize = 1024;
 
@@ -42,13 +43,17 @@ pub struct Deps {
     pub kinesis: aws_sdk_kinesis::Client,
     pub checkpoints: Option<CheckpointStore>,
     pub metrics: Metrics,
+    /// Bytes read and not yet acknowledged, shared by every watcher of the process.
+    pub memory: Arc<ByteBudget>,
 }
 
 /// How a life ended without an error.
 #[derive(Debug)]
 pub enum Exit {
-    /// Shutdown (the cancellation token fired).
-    Cancelled,
+    /// Shutdown (the cancellation token fired). `unsent` records were still waiting when the
+    /// drain deadline passed: nothing is lost (they are past the checkpoint and read again
+    /// after a restart), but the shutdown was not clean.
+    Cancelled { unsent: usize },
     /// The stored checkpoint says paused: the stream was not opened.
     StoredPaused,
     /// An operator's pause or rewind: everything in flight was flushed and the checkpoint
@@ -77,7 +82,7 @@ pub async fn run(
 ) -> Result<Exit, WatcherError> {
     status.set(State::Starting, None);
     let metrics = deps.metrics.for_watcher(&spec.name);
-    let mut cp = CheckpointState::default();
+    let mut cp = Checkpointer::default();
     let stored = match &deps.checkpoints {
         Some(store) => {
             store.verify_table().await?;
@@ -146,7 +151,11 @@ pub async fn run(
 
     let (tx, rx) = mpsc::channel(READER_CHANNEL);
     let reader_cancel = cancel.child_token();
-    let reader_task = tokio::spawn(reader::run(stream, tx, reader_cancel.clone()));
+    let budgets = [
+        ByteBudget::new(spec.batch.max_pending_bytes),
+        deps.memory.clone(),
+    ];
+    let reader_task = tokio::spawn(reader::run(stream, tx, budgets, reader_cancel.clone()));
     status.update(|s| {
         s.state = State::Running;
         s.reason = None;
@@ -154,28 +163,10 @@ pub async fn run(
     });
     info!("watcher running");
 
-    let mut pipeline = Pipeline {
-        spec: spec.clone(),
-        sink: KinesisSink::new(deps.kinesis.clone(), spec.stream.clone()),
-        status,
-        tracker,
-        scheduler: Scheduler::new(),
-        inflight: FuturesUnordered::new(),
-        backoff: Backoff::new(
-            spec.batch.retry_initial_backoff,
-            spec.batch.retry_max_backoff,
-        ),
-        retry_at: None,
-        linger_deadline: None,
-        reader_idle: false,
-        stop: None,
-        fatal: false,
-        command: None,
-        metrics,
-        events_seen: 0,
-    };
+    let sink = KinesisSink::new(deps.kinesis.clone(), spec.stream.clone());
+    let mut pipeline = Pipeline::new(spec.clone(), sink, status, tracker, metrics);
     let result = pipeline
-        .run_loop(rx, &cancel, &deps.checkpoints, &mut cp, commands)
+        .run_loop(rx, &cancel, deps.checkpoints.as_ref(), &mut cp, commands)
         .await;
     reader_cancel.cancel();
     let _ = reader_task.await;
@@ -205,7 +196,9 @@ pub async fn run(
     result?;
     Ok(match pipeline.command.take() {
         Some(cmd) => Exit::Command(cmd),
-        None => Exit::Cancelled,
+        None => Exit::Cancelled {
+            unsent: pipeline.unsent,
+        },
     })
 }
 
@@ -245,109 +238,95 @@ async fn operation_time(client: &mongodb::Client) -> Option<bson::Timestamp> {
     session.operation_time()
 }
 
-#[derive(Debug, Default)]
-struct CheckpointState {
-    revision: Option<u64>,
-    paused: bool,
-    written_paused: bool,
-    last_written: Option<Position>,
-    /// A start position known only by time (no token yet).
-    initial_time: Option<bson::Timestamp>,
-}
-
-impl CheckpointState {
-    /// Writes the frontier if it moved, or the paused flag changed (or `force`); keeps the
-    /// revision for the next write. Returns whether it wrote.
-    async fn write(
-        &mut self,
-        store: &CheckpointStore,
-        watcher: &str,
-        tracker: &AckTracker,
-        force: bool,
-    ) -> Result<bool, WatcherError> {
-        let frontier = tracker.frontier();
-        if !force && frontier == self.last_written.as_ref() && self.paused == self.written_paused {
-            return Ok(false);
-        }
-        let checkpoint = match frontier {
-            Some(p) => Checkpoint {
-                token: Some(p.token.clone()),
-                cluster_time: p.cluster_time.or(tracker.frontier_event_time()),
-                paused: self.paused,
-            },
-            None => match self.initial_time {
-                Some(ts) => Checkpoint {
-                    token: None,
-                    cluster_time: Some(ts),
-                    paused: self.paused,
-                },
-                // Nothing known yet; there is nothing to protect.
-                None => return Ok(false),
-            },
-        };
-        let write = store.save(watcher, self.revision, &checkpoint);
-        let revision = match tokio::time::timeout(CHECKPOINT_WRITE_TIMEOUT, write).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(WatcherError::Checkpoint {
-                    table: store.table().to_owned(),
-                    operation: "PutItem",
-                    message: format!("no answer within {CHECKPOINT_WRITE_TIMEOUT:?}"),
-                })
-            }
-        };
-        debug!(
-            revision,
-            token = %checkpoint
-                .token
-                .as_ref()
-                .map(|t| t.clone().into_relaxed_extjson().to_string())
-                .unwrap_or_default(),
-            "checkpoint written"
-        );
-        self.revision = Some(revision);
-        self.last_written = frontier.cloned();
-        self.written_paused = checkpoint.paused;
-        Ok(true)
-    }
-}
-
 type PutFuture = Pin<
     Box<dyn Future<Output = (Vec<PendingRecord>, Result<Vec<RecordResult>, CallError>)> + Send>,
 >;
 
-struct Pipeline {
+/// Calls in a row that failed whole (an error answer, or two or more records and none
+/// acknowledged) before no call starts until the stream backoff has passed.
+const STREAM_BACKOFF_AFTER: u32 = 2;
+/// Calls in a row with nothing acknowledged before the watcher shows `backing_off`.
+const BACKING_OFF_AFTER: u32 = 3;
+
+/// One life's loop and everything it holds: the scheduler, the ack tracker, the calls in
+/// flight and the flow-control state. Generic over the sink so that the timing logic is
+/// tested on tokio's paused clock against an in-memory sink.
+pub(crate) struct Pipeline<S: RecordSink> {
     spec: Arc<WatcherSpec>,
-    sink: KinesisSink,
+    sink: S,
     status: StatusTx,
     tracker: AckTracker,
     scheduler: Scheduler,
     inflight: FuturesUnordered<PutFuture>,
-    backoff: Backoff,
-    /// No call is sent before this instant after a failure.
-    retry_at: Option<Instant>,
+    /// Calls allowed in flight now (AIMD between 1 and `max_in_flight`).
+    limit: SendLimit,
+    /// Grows while calls fail whole in a row; reset by any acknowledged record.
+    stream_backoff: Backoff,
+    /// After [`STREAM_BACKOFF_AFTER`] failed calls in a row, no call starts before this.
+    stream_retry_at: Option<Instant>,
+    /// Calls in a row with nothing acknowledged.
+    failing_calls: u32,
     /// When the oldest ready record stops waiting for company.
     linger_deadline: Option<Instant>,
     /// The last read came back empty: send what is ready without lingering.
     reader_idle: bool,
     /// Set once the watcher is stopping: `Ok` for a requested stop, `Err` for a failure.
     stop: Option<Result<(), WatcherError>>,
-    /// Stop sending (retries are exhausted); only wait for calls in flight.
-    fatal: bool,
+    /// No new calls (retries exhausted, a checkpoint conflict, or the drain deadline passed);
+    /// only wait for calls in flight.
+    halted: bool,
+    /// Records left unsent when the drain deadline passed.
+    unsent: usize,
     /// The operator command that stopped this life, answered by the supervisor.
     command: Option<Command>,
     metrics: WatcherMetrics,
     /// Events read since the last status publication.
     events_seen: u64,
+    /// Budget bytes of each event not yet acknowledged, by sequence number.
+    reservations: HashMap<u64, Reservation>,
+    /// Turns of the loop, so tests can tell sleeping from spinning.
+    turns: Arc<AtomicU64>,
 }
 
-impl Pipeline {
+impl<S: RecordSink> Pipeline<S> {
+    pub(crate) fn new(
+        spec: Arc<WatcherSpec>,
+        sink: S,
+        status: StatusTx,
+        tracker: AckTracker,
+        metrics: WatcherMetrics,
+    ) -> Self {
+        let batch = &spec.batch;
+        Self {
+            limit: SendLimit::new(batch.max_in_flight),
+            stream_backoff: Backoff::new(batch.retry_initial_backoff, batch.retry_max_backoff),
+            spec: spec.clone(),
+            sink,
+            status,
+            tracker,
+            scheduler: Scheduler::new(),
+            inflight: FuturesUnordered::new(),
+            stream_retry_at: None,
+            failing_calls: 0,
+            linger_deadline: None,
+            reader_idle: false,
+            stop: None,
+            halted: false,
+            unsent: 0,
+            command: None,
+            metrics,
+            events_seen: 0,
+            reservations: HashMap::new(),
+            turns: Arc::default(),
+        }
+    }
+
     async fn run_loop(
         &mut self,
         mut rx: mpsc::Receiver<Result<ReaderMsg, WatcherError>>,
         cancel: &CancellationToken,
-        store: &Option<CheckpointStore>,
-        cp: &mut CheckpointState,
+        store: Option<&impl CheckpointBackend>,
+        cp: &mut Checkpointer,
         commands: &mut mpsc::Receiver<Command>,
     ) -> Result<(), WatcherError> {
         let every = self.spec.checkpoint_interval;
@@ -356,15 +335,23 @@ impl Pipeline {
         let mut drain_deadline: Option<Instant> = None;
         let mut checkpoint_failures: u32 = 0;
         loop {
-            self.dispatch();
+            self.turns.fetch_add(1, Ordering::Relaxed);
             if self.stop.is_some() {
                 let deadline =
                     *drain_deadline.get_or_insert_with(|| Instant::now() + DRAIN_TIMEOUT);
-                let drained = self.scheduler.is_empty() || self.fatal;
-                if self.inflight.is_empty() && (drained || Instant::now() >= deadline) {
-                    if !drained {
+                if !self.halted && Instant::now() >= deadline && !self.scheduler.is_empty() {
+                    // Nothing new starts; calls in flight still count when they return.
+                    self.halted = true;
+                }
+            }
+            self.dispatch();
+            if self.stop.is_some() {
+                let drained = self.scheduler.is_empty() || self.halted;
+                if self.inflight.is_empty() && drained {
+                    if !self.scheduler.is_empty() {
+                        self.unsent = self.scheduler.len();
                         warn!(
-                            unsent = self.scheduler.len(),
+                            unsent = self.unsent,
                             "drain deadline passed; unsent records will be read again after restart"
                         );
                     }
@@ -374,6 +361,7 @@ impl Pipeline {
             let can_read =
                 self.stop.is_none() && self.scheduler.len() < self.spec.batch.max_pending;
             let wake = self.next_wake();
+            let drain_wake = drain_deadline.filter(|_| !self.halted);
             tokio::select! {
                 _ = cancel.cancelled(), if self.stop.is_none() => {
                     info!("stopping: flushing records in flight");
@@ -398,7 +386,9 @@ impl Pipeline {
                     self.on_put_result(batch, result);
                 }
                 msg = rx.recv(), if can_read => match msg {
-                    Some(Ok(ReaderMsg::Event(event))) => self.on_event(event),
+                    Some(Ok(ReaderMsg::Event(event, reservation))) => {
+                        self.on_event(event, reservation)
+                    }
                     Some(Ok(ReaderMsg::Idle(token))) => {
                         tracing::trace!(
                             token = %token
@@ -426,7 +416,7 @@ impl Pipeline {
                     }
                 },
                 _ = sleep_until_opt(wake), if wake.is_some() => {}
-                _ = sleep_until_opt(drain_deadline), if drain_deadline.is_some() => {}
+                _ = sleep_until_opt(drain_wake), if drain_wake.is_some() => {}
                 _ = tick.tick() => {
                     self.publish();
                     if let Some(store) = store {
@@ -438,7 +428,7 @@ impl Pipeline {
                                 }
                             }
                             Err(e @ WatcherError::CheckpointConflict { .. }) => {
-                                self.fatal = true;
+                                self.halted = true;
                                 self.stop = Some(Err(e));
                             }
                             Err(e) => {
@@ -455,21 +445,32 @@ impl Pipeline {
         self.stop.take().unwrap_or(Ok(()))
     }
 
+    /// When the loop must wake by itself: a delayed record's retry time, or the moment a call
+    /// can start (linger and stream backoff over). `None` while nothing could be sent then
+    /// anyway (calls at the limit, nothing waiting), so the loop sleeps until a call returns,
+    /// an event arrives or a command comes.
     fn next_wake(&self) -> Option<Instant> {
-        if self.scheduler.ready_len() == 0 || self.fatal {
+        if self.halted || self.inflight.len() >= self.limit.current() {
             return None;
         }
-        match (self.retry_at, self.linger_deadline) {
-            (Some(r), Some(l)) => Some(r.max(l)),
-            (Some(r), None) => Some(r),
-            (None, l) => l,
+        let send_at = if self.scheduler.ready_len() > 0 {
+            match (self.linger_deadline, self.stream_retry_at) {
+                (Some(l), Some(r)) => Some(l.max(r)),
+                (l, r) => l.or(r),
+            }
+        } else {
+            None
+        };
+        match (send_at, self.scheduler.next_retry_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
-    fn on_event(&mut self, event: Document) {
+    fn on_event(&mut self, event: Document, reservation: Reservation) {
         self.reader_idle = false;
         let Some(token) = event.get("_id").cloned() else {
-            self.fatal = true;
+            self.halted = true;
             self.stop = Some(Err(WatcherError::MissingResumeToken));
             return;
         };
@@ -477,11 +478,8 @@ impl Pipeline {
             token,
             cluster_time: event.get_timestamp("clusterTime").ok(),
         };
-        let operation = event
-            .get_str("operationType")
-            .unwrap_or("unknown")
-            .to_owned();
-        self.metrics.event(&operation);
+        let operation = event.get_str("operationType").unwrap_or("unknown");
+        self.metrics.event(operation);
         self.events_seen += 1;
         let seq = self.tracker.push_event(position);
         tracing::trace!(
@@ -504,28 +502,11 @@ impl Pipeline {
         let data = record::encode(&event, self.spec.record_format);
         let size = data.len() + partition_key.len();
         if size > MAX_RECORD_BYTES {
-            let document_key = event
-                .get("documentKey")
-                .map(|k| k.clone().into_relaxed_extjson().to_string())
-                .unwrap_or_else(|| "(none)".into());
-            match self.spec.on_oversized {
-                OnOversized::Skip => {
-                    warn!(%document_key, size, operation, "record over 1 MiB skipped (on_oversized: skip)");
-                    self.tracker.ack(seq);
-                    self.metrics.skipped("oversized");
-                    self.status.update(|s| s.counters.records_skipped += 1);
-                }
-                OnOversized::Fail => {
-                    error!(%document_key, size, operation, "record over 1 MiB; watcher stops (on_oversized: fail)");
-                    self.stop = Some(Err(WatcherError::Oversized {
-                        document_key,
-                        size,
-                        limit: MAX_RECORD_BYTES,
-                    }));
-                }
-            }
+            let operation = operation.to_owned();
+            self.on_oversized(&event, seq, size, &operation);
             return;
         }
+        self.reservations.insert(seq, reservation);
         self.scheduler.push(PendingRecord {
             seq,
             partition_key,
@@ -537,17 +518,44 @@ impl Pipeline {
         }
     }
 
-    /// Starts as many calls as the limits, the backoff and the linger allow.
+    fn on_oversized(&mut self, event: &Document, seq: u64, size: usize, operation: &str) {
+        let document_key = event
+            .get("documentKey")
+            .map(|k| k.clone().into_relaxed_extjson().to_string())
+            .unwrap_or_else(|| "(none)".into());
+        match self.spec.on_oversized {
+            OnOversized::Skip => {
+                warn!(%document_key, size, operation, "record over 1 MiB skipped (on_oversized: skip)");
+                self.tracker.ack(seq);
+                self.metrics.skipped("oversized");
+                self.status.update(|s| s.counters.records_skipped += 1);
+            }
+            OnOversized::Fail => {
+                error!(%document_key, size, operation, "record over 1 MiB; watcher stops (on_oversized: fail)");
+                self.stop = Some(Err(WatcherError::Oversized {
+                    document_key,
+                    size,
+                    limit: MAX_RECORD_BYTES,
+                }));
+            }
+        }
+    }
+
+    /// Starts as many calls as the send limit, the stream backoff and the linger allow.
     fn dispatch(&mut self) {
-        if self.fatal {
+        let now = Instant::now();
+        self.scheduler.promote(now);
+        if self.halted {
             return;
         }
         let batch_cfg = &self.spec.batch;
-        let now = Instant::now();
-        while self.inflight.len() < batch_cfg.max_in_flight && self.scheduler.ready_len() > 0 {
-            if self.retry_at.is_some_and(|t| now < t) {
-                break;
-            }
+        if self.stream_retry_at.is_some_and(|t| now >= t) {
+            self.stream_retry_at = None;
+        }
+        while self.inflight.len() < self.limit.current()
+            && self.scheduler.ready_len() > 0
+            && self.stream_retry_at.is_none()
+        {
             let flush = self
                 .scheduler
                 .ready_fills_batch(batch_cfg.max_records, batch_cfg.max_bytes)
@@ -584,12 +592,15 @@ impl Pipeline {
         batch: Vec<PendingRecord>,
         result: Result<Vec<RecordResult>, CallError>,
     ) {
-        let mut failures = 0usize;
+        let now = Instant::now();
+        // One draw per call: the records it failed become ready together.
+        let jitter = rand::random::<f64>();
+        let mut rejected = 0u64;
         let mut accepted = 0u64;
         let mut last_error = String::new();
-        match result {
+        let call_failed = match result {
             Ok(results) => {
-                let mut codes: std::collections::HashMap<String, u64> = Default::default();
+                let mut codes: HashMap<String, u64> = HashMap::new();
                 for (record, outcome) in batch.into_iter().zip(results) {
                     match outcome {
                         RecordResult::Accepted => {
@@ -597,66 +608,92 @@ impl Pipeline {
                             accepted += 1;
                             self.scheduler.ack(&record);
                             self.tracker.ack(record.seq);
+                            self.reservations.remove(&record.seq);
                         }
                         RecordResult::Rejected {
                             error_code,
                             message,
                         } => {
-                            failures += 1;
+                            rejected += 1;
                             last_error = format!("{error_code}: {message}");
                             *codes.entry(error_code).or_default() += 1;
-                            self.retry(record, &last_error);
+                            self.retry(record, &last_error, now, jitter);
                         }
                     }
                 }
-                for (code, n) in codes {
-                    self.metrics.failures(&code, n);
-                    self.metrics.retries(&code, n);
+                for (code, n) in &codes {
+                    self.metrics.records_rejected(code, *n);
+                    self.metrics.retries(code, *n);
                 }
+                if !codes.is_empty() {
+                    self.status.update(|s| {
+                        for (code, n) in codes {
+                            *s.flow.rejected.entry(code).or_default() += n;
+                        }
+                    });
+                }
+                false
             }
             Err(call_error) => {
-                failures = batch.len();
+                rejected = batch.len() as u64;
                 last_error = call_error.to_string();
-                self.metrics.failures(&call_error.code, 1);
+                self.metrics.call_failed(&call_error.code);
                 self.metrics
-                    .retries(&format!("call_{}", call_error.code), batch.len() as u64);
+                    .retries(&format!("call_{}", call_error.code), rejected);
                 for record in batch {
-                    self.retry(record, &last_error);
+                    self.retry(record, &last_error, now, jitter);
                 }
+                true
             }
-        }
+        };
         self.metrics.records_put.inc_by(accepted);
         self.status.update(|s| {
             s.counters.records_put += accepted;
-            s.counters.put_retries += failures as u64;
+            s.counters.put_retries += rejected;
         });
-        self.publish();
-        if failures == 0 {
-            self.backoff.reset();
-            self.retry_at = None;
+        if accepted > 0 {
+            self.failing_calls = 0;
+            self.stream_backoff.reset();
+            self.stream_retry_at = None;
+            self.limit.on_success();
             if self.stop.is_none() && self.status.get().state == State::BackingOff {
                 self.status.set(State::Running, None);
             }
-            return;
+        } else if call_failed || rejected > 1 {
+            // Nothing got through: a signal about the stream. A lone record rejected on its
+            // own is a signal about its key (a hot key or shard) and only delays that record.
+            self.failing_calls += 1;
+            self.limit.on_stream_failure();
+            if self.failing_calls >= STREAM_BACKOFF_AFTER {
+                let delay = self.stream_backoff.next_delay();
+                self.stream_retry_at = Some(now + delay);
+                let attempts = self.stream_backoff.attempts();
+                if attempts.is_power_of_two() {
+                    warn!(
+                        failing_calls = self.failing_calls,
+                        send_limit = self.limit.current(),
+                        retry_in = ?delay,
+                        error = %last_error,
+                        "kinesis calls failing; backing off"
+                    );
+                }
+            }
+            if self.stop.is_none() && self.failing_calls >= BACKING_OFF_AFTER {
+                self.status.set(
+                    State::BackingOff,
+                    Some(format!(
+                        "kinesis stream `{}`: nothing acknowledged in the last {} calls: {last_error}",
+                        self.sink.stream(),
+                        self.failing_calls
+                    )),
+                );
+            }
         }
-        let delay = self.backoff.next_delay();
-        self.retry_at = Some(Instant::now() + delay);
-        let attempts = self.backoff.attempts();
-        if attempts.is_power_of_two() {
-            warn!(failures, attempts, retry_in = ?delay, error = %last_error, "kinesis put failed; retrying");
-        }
-        if self.stop.is_none() && attempts >= 3 {
-            self.status.set(
-                State::BackingOff,
-                Some(format!(
-                    "kinesis stream `{}`: {last_error}",
-                    self.sink.stream()
-                )),
-            );
-        }
+        self.publish();
     }
 
-    /// Publishes progress: events read, the newest acknowledged event time, caught up.
+    /// Publishes progress: events read, the newest acknowledged event time, caught up, and
+    /// the flow-control figures.
     fn publish(&mut self) {
         let events = std::mem::take(&mut self.events_seen);
         let event_time = self
@@ -664,21 +701,41 @@ impl Pipeline {
             .frontier_event_time()
             .map(|ts| bson::DateTime::from_millis(i64::from(ts.time) * 1000));
         let caught_up = self.tracker.outstanding() == 0 && self.reader_idle;
+        let limit = self.limit.current();
+        let pending_records = self.scheduler.len();
+        let pending_bytes = self.scheduler.held_bytes();
+        let records_delayed = self.scheduler.delayed_len();
+        let calls_in_flight = self.inflight.len();
+        self.metrics
+            .flow(limit, pending_records, pending_bytes, records_delayed);
         self.status.update(|s| {
             s.counters.events += events;
             if event_time.is_some() {
                 s.last_event_time = event_time;
             }
             s.caught_up = caught_up;
+            s.flow.send_limit = limit;
+            s.flow.calls_in_flight = calls_in_flight;
+            s.flow.pending_records = pending_records;
+            s.flow.pending_bytes = pending_bytes;
+            s.flow.records_delayed = records_delayed;
         });
     }
 
-    fn retry(&mut self, record: PendingRecord, last_error: &str) {
+    /// Puts a rejected record back at the head of its key, to go again after its own delay.
+    fn retry(&mut self, record: PendingRecord, last_error: &str, now: Instant, jitter: f64) {
         let attempts = record.attempts + 1;
-        self.scheduler.retry(record);
-        if let Some(max) = self.spec.batch.max_put_retries {
-            if attempts > max && !self.fatal {
-                self.fatal = true;
+        let batch = &self.spec.batch;
+        let delay = record_delay(
+            attempts,
+            batch.retry_initial_backoff,
+            batch.record_retry_max_backoff,
+            jitter,
+        );
+        self.scheduler.retry(record, Some(now + delay));
+        if let Some(max) = batch.max_put_retries {
+            if attempts > max && !self.halted {
+                self.halted = true;
                 self.stop = Some(Err(WatcherError::PutRetriesExhausted {
                     stream: self.sink.stream().to_owned(),
                     attempts,
@@ -695,3 +752,6 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,9 +1,12 @@
 //! The change stream: opening it at a start position, and a task that reads it into a bounded
 //! channel so the pipeline can batch, retry and checkpoint without ever holding a getMore.
+//! Before it hands an event on, the reader takes the event's size from the watcher's and the
+//! process's byte budgets (`flow::Reservation`), so reading pauses while either is spent.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bson::{Bson, Document, Timestamp};
+use bson::{Bson, Document, RawDocumentBuf, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
 use mongodb::options::FullDocumentType;
@@ -12,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{is_history_lost, WatcherError};
+use crate::flow::{ByteBudget, Reservation};
 use crate::spec::{FullDocument, WatcherSpec};
 
 /// Where to open a stream.
@@ -29,7 +33,8 @@ pub enum StartPosition {
 /// What the reader task hands the pipeline.
 #[derive(Debug)]
 pub enum ReaderMsg {
-    Event(Document),
+    /// An event, with the bytes it holds in the budgets until it is acknowledged.
+    Event(Document, Reservation),
     /// A read came back empty; the stream's resume token at that point, if any.
     Idle(Option<Bson>),
 }
@@ -41,7 +46,7 @@ pub async fn open(
     client: &mongodb::Client,
     spec: &WatcherSpec,
     start: &StartPosition,
-) -> Result<ChangeStream<Document>, WatcherError> {
+) -> Result<ChangeStream<RawDocumentBuf>, WatcherError> {
     let coll = client
         .database(&spec.database)
         .collection::<Document>(&spec.collection);
@@ -64,11 +69,11 @@ pub async fn open(
         StartPosition::At(ts) => watch = watch.start_at_operation_time(*ts),
     }
     let stream = watch.await.map_err(classify)?;
-    Ok(stream.with_type::<Document>())
+    Ok(stream.with_type::<RawDocumentBuf>())
 }
 
 /// The stream's current resume token as plain BSON.
-pub fn current_token(stream: &ChangeStream<Document>) -> Option<Bson> {
+pub fn current_token(stream: &ChangeStream<RawDocumentBuf>) -> Option<Bson> {
     stream
         .resume_token()
         .and_then(|t| from_resume_token(&t).ok())
@@ -76,10 +81,12 @@ pub fn current_token(stream: &ChangeStream<Document>) -> Option<Bson> {
 
 /// Reads until cancelled or the stream fails; an invalidate event is the last one sent.
 pub async fn run(
-    mut stream: ChangeStream<Document>,
+    mut stream: ChangeStream<RawDocumentBuf>,
     tx: mpsc::Sender<Result<ReaderMsg, WatcherError>>,
+    budgets: [Arc<ByteBudget>; 2],
     cancel: CancellationToken,
 ) {
+    let [watcher_budget, process_budget] = budgets;
     loop {
         let started = Instant::now();
         let next = tokio::select! {
@@ -87,9 +94,22 @@ pub async fn run(
             next = stream.next_if_any() => next,
         };
         let msg = match next {
-            Ok(Some(event)) => {
-                let last = event.get_str("operationType").ok() == Some("invalidate");
-                if !send(&tx, &cancel, Ok(ReaderMsg::Event(event))).await || last {
+            Ok(Some(raw)) => {
+                let last = raw.get_str("operationType").ok() == Some("invalidate");
+                let bytes = raw.as_bytes().len();
+                let reservation = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = Reservation::take(&watcher_budget, &process_budget, bytes) => r,
+                };
+                let msg = Document::try_from(raw)
+                    .map(|event| ReaderMsg::Event(event, reservation))
+                    .map_err(|e| {
+                        WatcherError::Mongo(mongodb::error::Error::custom(format!(
+                            "change event does not decode: {e}"
+                        )))
+                    });
+                let failed = msg.is_err();
+                if !send(&tx, &cancel, msg).await || last || failed {
                     return;
                 }
                 continue;

@@ -81,12 +81,22 @@ pub struct BatchSettings {
     pub max_in_flight: usize,
     /// Records read but not yet acknowledged before reading pauses.
     pub max_pending: usize,
+    /// Bytes of events read but not yet acknowledged before reading pauses.
+    pub max_pending_bytes: usize,
     /// Failed attempts of one record before the watcher fails; `None` retries forever.
     pub max_put_retries: Option<u32>,
-    /// First retry delay; doubles up to `retry_max_backoff`, with jitter.
+    /// First retry delay of a rejected record, and of the stream backoff; doubles with jitter.
     pub retry_initial_backoff: Duration,
+    /// Longest stream backoff, once calls fail whole in a row.
     pub retry_max_backoff: Duration,
+    /// Longest delay of one rejected record while the stream accepts others.
+    pub record_retry_max_backoff: Duration,
 }
+
+/// Default of `max_pending_bytes` for one watcher.
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
+/// Default of the process-wide `limits.max_pending_bytes`, shared by all watchers.
+pub const DEFAULT_PROCESS_MAX_PENDING_BYTES: usize = 256 * 1024 * 1024;
 
 impl Default for BatchSettings {
     fn default() -> Self {
@@ -96,9 +106,11 @@ impl Default for BatchSettings {
             linger: Duration::from_millis(50),
             max_in_flight: 4,
             max_pending: 10_000,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             max_put_retries: None,
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(10),
+            record_retry_max_backoff: Duration::from_millis(250),
         }
     }
 }

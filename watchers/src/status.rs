@@ -1,6 +1,7 @@
 //! What a watcher is doing, published through a `watch` channel for the supervisor, the logs
 //! and (later) the HTTP API. One enum, one place that moves between states.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use bson::DateTime;
@@ -68,6 +69,24 @@ pub struct Status {
     /// When the checkpoint was last written.
     pub last_checkpoint_at: Option<DateTime>,
     pub counters: Counters,
+    pub flow: Flow,
+}
+
+/// How the watcher is sending: its adaptive limit and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Flow {
+    /// PutRecords calls allowed in flight now (1 to `max_in_flight`; halved when calls fail
+    /// whole, raised by one per call that gets through).
+    pub send_limit: usize,
+    pub calls_in_flight: usize,
+    /// Records read and not yet acknowledged (queued, in flight or waiting to be retried).
+    pub pending_records: usize,
+    /// Bytes of those records.
+    pub pending_bytes: usize,
+    /// Records Kinesis rejected that wait for their own retry delay.
+    pub records_delayed: usize,
+    /// Records Kinesis rejected since the process started, by error code.
+    pub rejected: BTreeMap<String, u64>,
 }
 
 /// Totals since the process started.

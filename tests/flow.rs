@@ -1,0 +1,243 @@
+//! Flow control end to end, against SecantusDB, moto and the Kinesis fault-injection proxy:
+//! a throttled key does not hold back the others, memory stays bounded in bytes while Kinesis
+//! is down, and a shutdown whose drain cannot finish says so in its exit code.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bson::{doc, Document};
+use serde_json::json;
+use support::*;
+
+/// The value of one sample of `/metrics`, e.g. `mongo_watcher_send_limit{watcher="w"}`.
+fn metric(port: u16, sample: &str) -> Option<f64> {
+    let r = request(port, "GET", "/metrics", None, "");
+    assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
+    r.body
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+}
+
+struct Env {
+    mongo: Mongo,
+    proxy: Proxy,
+    aws: Aws,
+    dir: tempfile::TempDir,
+    stream: String,
+    port: u16,
+    _moto: Moto,
+}
+
+impl Env {
+    async fn new(shards: i32) -> Self {
+        let mongo = Mongo::start();
+        let moto = Moto::start();
+        let proxy = Proxy::start(&moto);
+        let aws = Aws::new(&moto).await;
+        let stream = unique("s");
+        aws.create_stream(&stream, shards).await;
+        Self {
+            mongo,
+            proxy,
+            aws,
+            dir: tempfile::tempdir().expect("tempdir"),
+            stream,
+            port: free_port(),
+            _moto: moto,
+        }
+    }
+
+    fn config(&self, top: &str, extra: &str) -> String {
+        let cfg = config_yaml(
+            &self.mongo,
+            None,
+            &[watcher_yaml("w", "db", "c", &self.stream, extra)],
+        );
+        format!("{top}{cfg}").replace("127.0.0.1:0", &format!("127.0.0.1:{}", self.port))
+    }
+
+    async fn coll(&self) -> mongodb::Collection<Document> {
+        self.mongo
+            .client()
+            .await
+            .database("db")
+            .collection::<Document>("c")
+    }
+}
+
+/// One key rejected on every attempt (a hot key on a throttled shard): the other keys written
+/// after it keep arriving at once, the watcher stays `running` with the rejections counted, and
+/// once the key gets through its records arrive in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_key_does_not_hold_back_the_others() {
+    let e = Env::new(2).await;
+    // A stream-wide backoff would reach 10 s within the test; the per-record one stays short.
+    let cfg = e.config("", "    full_document: off\n    retry_max_backoff: 10s\n");
+    let coll = e.coll().await;
+    e.proxy.rules(json!({"fail_keys": {"1": 1_000_000}}));
+    let _w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
+    wait_http(e.port, "/readyz", WAIT, |r| r.status == 200);
+    insert_ids(&coll, [1]).await;
+    coll.update_one(doc! {"_id": 1}, doc! {"$set": {"v": 1}})
+        .await
+        .unwrap();
+    // Long enough for a watcher-wide backoff to have grown to seconds.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for round in 0..8i64 {
+        let ids: Vec<i64> = (0..5).map(|i| 100 + round * 5 + i).collect();
+        let written = Instant::now();
+        insert_ids(&coll, ids.clone()).await;
+        e.aws
+            .wait_for_ids(&e.stream, &ids, Duration::from_secs(20))
+            .await;
+        let took = written.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "round {round}: other keys took {took:?} while key 1 is throttled"
+        );
+    }
+    let records = e.aws.read_stream(&e.stream).await;
+    assert_eq!(count(&records, 1), 0, "key 1 was never accepted");
+    let w = request(e.port, "GET", "/watchers/w", None, "").json();
+    assert_eq!(w["state"], "running", "{w}");
+    assert!(
+        w["flow"]["rejected"]["ProvisionedThroughputExceededException"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 3,
+        "{w}"
+    );
+    assert_eq!(
+        w["flow"]["send_limit"], 4,
+        "partial rejections leave the limit: {w}"
+    );
+    let rejected = metric(
+        e.port,
+        "mongo_watcher_records_rejected_total{error_code=\"ProvisionedThroughputExceededException\",watcher=\"w\"}",
+    );
+    assert!(rejected.unwrap_or(0.0) >= 3.0, "{rejected:?}");
+    assert_eq!(
+        metric(e.port, "mongo_watcher_send_limit{watcher=\"w\"}"),
+        Some(4.0)
+    );
+
+    e.proxy.reset();
+    let records = e
+        .aws
+        .wait_for_records(&e.stream, Duration::from_secs(30), |r| count(r, 1) == 2)
+        .await;
+    let ops: Vec<&str> = records
+        .iter()
+        .filter(|r| r.id() == Some(1))
+        .map(|r| r.operation())
+        .collect();
+    assert_eq!(ops, ["insert", "update"], "key 1 in order");
+    assert_eq!(ids_of(&records).len(), 42, "each record exactly once");
+}
+
+/// Kinesis down while 200 KB documents keep coming: reading stops at the watcher's byte bound,
+/// memory stays flat, and everything arrives once Kinesis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_in_bytes_while_kinesis_is_down() {
+    const DOCS: i64 = 300;
+    const DOC_BYTES: usize = 200 * 1024;
+    const BOUND: f64 = 4.0 * 1024.0 * 1024.0;
+    let e = Env::new(1).await;
+    let cfg = e.config(
+        "limits:\n  max_pending_bytes: 8MiB\n",
+        "    full_document: off\n    max_pending_bytes: 4MiB\n",
+    );
+    let coll = e.coll().await;
+    e.proxy.rules(json!({"fail_call_rate": 1.0}));
+    let w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
+    wait_http(e.port, "/readyz", WAIT, |r| r.status == 200);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let baseline = w.rss_bytes().expect("rss");
+    let filler = "x".repeat(DOC_BYTES);
+    let mut peak_rss = 0;
+    let mut peak_pending = 0.0f64;
+    for chunk in 0..(DOCS / 20) {
+        let docs: Vec<Document> = (0..20)
+            .map(|i| doc! {"_id": chunk * 20 + i, "blob": &filler})
+            .collect();
+        coll.insert_many(docs).await.unwrap();
+        peak_rss = peak_rss.max(w.rss_bytes().unwrap_or(0));
+        peak_pending = peak_pending
+            .max(metric(e.port, "mongo_watcher_pending_bytes{watcher=\"w\"}").unwrap_or(0.0));
+    }
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak_rss = peak_rss.max(w.rss_bytes().unwrap_or(0));
+        peak_pending = peak_pending
+            .max(metric(e.port, "mongo_watcher_pending_bytes{watcher=\"w\"}").unwrap_or(0.0));
+    }
+    // The bound counts each event's BSON size; the record (Extended JSON) is about as large,
+    // so one document's worth of slack.
+    assert!(
+        peak_pending > 0.0 && peak_pending <= BOUND + 2.0 * DOC_BYTES as f64,
+        "pending bytes peaked at {peak_pending}"
+    );
+    // 60 MB of documents went by. What stays resident is the bound (records, their events
+    // in the read-ahead, the SDK's copies of a call) plus the driver's getMore batch.
+    let grown = peak_rss.saturating_sub(baseline);
+    assert!(
+        grown < 48 * 1024 * 1024,
+        "RSS grew by {} MiB (baseline {} MiB, peak {} MiB)",
+        grown / (1024 * 1024),
+        baseline / (1024 * 1024),
+        peak_rss / (1024 * 1024)
+    );
+    eprintln!(
+        "rss baseline {} MiB, peak {} MiB; pending bytes peak {peak_pending}",
+        baseline / (1024 * 1024),
+        peak_rss / (1024 * 1024)
+    );
+    e.proxy.reset();
+    let ids: Vec<i64> = (0..DOCS).collect();
+    let records = e
+        .aws
+        .wait_for_ids(&e.stream, &ids, Duration::from_secs(120))
+        .await;
+    assert_eq!(ids_of(&records).len(), DOCS as usize, "each document once");
+}
+
+/// SIGTERM while Kinesis fails every call: the drain gives up at its deadline, the process
+/// exits 3 (not 0), and a restart delivers everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_cannot_finish_exits_3_and_loses_nothing() {
+    let e = Env::new(1).await;
+    let table = unique("cps");
+    e.aws.create_checkpoint_table(&table).await;
+    let cfg = e.config("", "    full_document: off\n").replace(
+        "mongodb:\n",
+        &format!("checkpoints:\n  table: {table}\nmongodb:\n"),
+    );
+    let coll = e.coll().await;
+    let mut w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
+    wait_http(e.port, "/readyz", WAIT, |r| r.status == 200);
+    e.proxy.rules(json!({"fail_call_rate": 1.0}));
+    let ids: Vec<i64> = (0..20).collect();
+    insert_ids(&coll, ids.clone()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, took) = w.terminate();
+    assert_eq!(
+        code,
+        Some(3),
+        "exit code of a shutdown that left records unsent"
+    );
+    assert!(
+        took >= Duration::from_secs(14) && took < Duration::from_secs(19),
+        "took {took:?}"
+    );
+    assert!(w.logs().contains("shutdown was not clean"), "{}", w.logs());
+    e.proxy.reset();
+    w.restart();
+    let records = e
+        .aws
+        .wait_for_ids(&e.stream, &ids, Duration::from_secs(60))
+        .await;
+    assert_eq!(ids_of(&records).len(), ids.len(), "each once");
+    let (code, _) = w.terminate();
+    assert_eq!(code, Some(0), "a clean shutdown still exits 0");
+}
