@@ -526,6 +526,7 @@ impl<'p> Section<'p> {
             _ => {
                 let shown = match raw {
                     Value::String(t) => t,
+                    Value::Number(n) => n.to_string(),
                     other => format!("{other:?}"),
                 };
                 self.problem(
@@ -898,6 +899,61 @@ watchers:
         assert!(matches!(orders.start_at, StartAt::Timestamp(_)));
         assert_eq!(c.checkpoints.unwrap().table, "cps");
         assert!(!format!("{:?}", c.mongodb).contains("secret"));
+    }
+
+    #[test]
+    fn sizes_limits_and_retry_settings() {
+        let text = r#"
+mongodb: {uri: "mongodb://h"}
+limits: {max_pending_bytes: 1GiB}
+defaults: {stream: s, max_pending_bytes: 32MiB, record_retry_max_backoff: 400ms}
+watchers:
+  - {name: a, database: d, collection: c}
+  - {name: b, database: d, collection: c, max_pending_bytes: 1048576}
+  - {name: c, database: d, collection: c, max_pending_bytes: "1.5 KB"}
+"#;
+        let cfg = parse(text, &env).unwrap();
+        assert_eq!(cfg.limits.max_pending_bytes, 1 << 30);
+        let bytes: Vec<usize> = cfg
+            .watchers
+            .iter()
+            .map(|w| w.batch.max_pending_bytes)
+            .collect();
+        assert_eq!(bytes, [32 << 20, 1 << 20, 1500]);
+        assert_eq!(
+            cfg.watchers[0].batch.record_retry_max_backoff,
+            Duration::from_millis(400)
+        );
+        let defaults = parse(
+            "mongodb: {uri: \"mongodb://h\"}\nwatchers: [{name: a, database: d, collection: c, stream: s}]",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(defaults.limits.max_pending_bytes, 256 << 20);
+        assert_eq!(defaults.watchers[0].batch.max_pending_bytes, 64 << 20);
+        assert_eq!(
+            defaults.watchers[0].batch.record_retry_max_backoff,
+            Duration::from_millis(250)
+        );
+        let bad = r#"
+mongodb: {uri: "mongodb://h"}
+limits: {max_pending_bytes: lots, max_pending: 3}
+watchers:
+  - {name: a, database: d, collection: c, stream: s, max_pending_bytes: 0}
+  - {name: b, database: d, collection: c, stream: s, max_pending_bytes: 12 parsecs}
+"#;
+        let errs = parse(bad, &env).unwrap_err().0;
+        for e in [
+            "limits.max_pending_bytes: `lots` is not a size",
+            "limits.max_pending: unknown field",
+            "watchers[0].max_pending_bytes: `0` is not a size",
+            "watchers[1].max_pending_bytes: `12 parsecs` is not a size",
+        ] {
+            assert!(
+                errs.iter().any(|p| p.starts_with(e)),
+                "missing {e:?} in {errs:#?}"
+            );
+        }
     }
 
     #[test]

@@ -133,11 +133,16 @@ fn print_config(cfg: &Config) {
         None => println!("checkpoints: none (every start is a first start)"),
     }
     println!("http: {}", cfg.http.listen);
+    println!(
+        "limits: max_pending_bytes {} (all watchers together)",
+        cfg.limits.max_pending_bytes
+    );
     println!("watchers ({}):", cfg.watchers.len());
     for w in &cfg.watchers {
         println!(
             "  {}: {}.{} -> kinesis {} (partition_key {}, full_document {:?}, start_at {:?}, \
-             batch {} records/{} bytes/linger {:?}, checkpoint every {:?}, max_put_retries {})",
+             batch {} records/{} bytes/linger {:?}, max_in_flight {}, max_pending {} records/{} \
+             bytes, checkpoint every {:?}, max_put_retries {})",
             w.name,
             w.database,
             w.collection,
@@ -148,6 +153,9 @@ fn print_config(cfg: &Config) {
             w.batch.max_records,
             w.batch.max_bytes,
             w.batch.linger,
+            w.batch.max_in_flight,
+            w.batch.max_pending,
+            w.batch.max_pending_bytes,
             w.checkpoint_interval,
             w.batch
                 .max_put_retries
