@@ -11,8 +11,18 @@
 //! shards of the many-keys and old-model streams, `BENCH_POLL_MS` (20) how often the bench
 //! polls for the end of a timed run.
 //!
-//! Run without `--bench` (as `cargo test --all-targets` does), it prints a note and exits.
+//! By default it runs the benchmark report (`report/mod.rs`: the scenarios and targets of
+//! `benches/README.md`, `BENCH_RUNS` times, written to `BENCH_REPORT`; `scripts/bench` runs it
+//! and writes `BENCHMARKS.md`). `BENCH_SUITE=classic` runs the older table below instead
+//! (start-up, many keys, hot key, old model). `BENCH_SMOKE=1` runs a tiny checked version of
+//! two report scenarios in any profile (`scripts/test` runs it with `cargo test --bench
+//! pipeline`).
+//!
+//! Run without `--bench` and without `BENCH_SMOKE=1` (as `cargo test --all-targets` does), it
+//! prints a note and exits.
 
+#[path = "report/mod.rs"]
+mod report;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -684,15 +694,28 @@ async fn bench() {
 }
 
 fn main() {
+    let smoke = std::env::var("BENCH_SMOKE").is_ok_and(|v| v == "1");
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it.
-    if !std::env::args().any(|a| a == "--bench") {
-        println!("benches/pipeline.rs: skipped (run it with `cargo bench --bench pipeline`)");
+    if !smoke && !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "benches/pipeline.rs: skipped (run it with `cargo bench --bench pipeline`, or \
+             BENCH_SMOKE=1)"
+        );
         return;
     }
+    let classic = std::env::var("BENCH_SUITE").is_ok_and(|v| v == "classic");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("tokio runtime")
-        .block_on(bench());
+        .block_on(async {
+            if smoke {
+                report::smoke().await
+            } else if classic {
+                bench().await
+            } else {
+                report::report().await
+            }
+        });
 }
