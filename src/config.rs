@@ -13,7 +13,8 @@ use serde_yaml_ng::{Mapping, Value};
 use watchers::checkpoint::Layout;
 use watchers::record::{FieldPath, RecordFormat};
 use watchers::spec::{
-    BatchSettings, FullDocument, OnHistoryLost, OnInvalidate, OnOversized, StartAt, WatcherSpec,
+    BatchSettings, FullDocument, OnHistoryLost, OnInvalidate, OnOversized, OnUndeliverable,
+    StartAt, WatcherSpec,
 };
 
 /// Settings of the whole process.
@@ -71,6 +72,8 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// SSM parameter holding the API token (else `MONGO_WATCHER_API_TOKEN`).
     pub api_token_ssm_parameter: Option<String>,
+    /// Connection cap and timeouts of the control plane's server.
+    pub serve: api::ServeOptions,
 }
 
 /// Every problem found, each `path: message`.
@@ -108,6 +111,8 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
         if let Some(u) = &uri {
             if !u.starts_with("mongodb://") && !u.starts_with("mongodb+srv://") {
                 s.problem("uri", "must start with mongodb:// or mongodb+srv://");
+            } else if let Err(problem) = check_uri(u) {
+                s.problem("uri", problem);
             }
         }
         let cfg = MongoConfig {
@@ -149,15 +154,29 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
                 }
             });
             let api_token_ssm_parameter = s.take("api_token_ssm_parameter");
+            let defaults = api::ServeOptions::default();
+            let max_connections: Option<usize> = s.take("max_connections");
+            if max_connections == Some(0) {
+                s.problem("max_connections", "must be at least 1");
+            }
+            let header_read_timeout = s.positive_duration("header_read_timeout");
+            let idle_timeout = s.positive_duration("idle_timeout");
             s.finish();
             HttpConfig {
                 listen: listen.unwrap_or(default_listen()),
                 api_token_ssm_parameter,
+                serve: api::ServeOptions {
+                    max_connections: max_connections.unwrap_or(defaults.max_connections),
+                    header_read_timeout: header_read_timeout
+                        .unwrap_or(defaults.header_read_timeout),
+                    idle_timeout: idle_timeout.unwrap_or(defaults.idle_timeout),
+                },
             }
         }
         None => HttpConfig {
             listen: default_listen(),
             api_token_ssm_parameter: None,
+            serve: api::ServeOptions::default(),
         },
     };
     let limits = match top.section("limits") {
@@ -252,6 +271,10 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
     };
     if !uri.is_empty() && !uri.starts_with("mongodb://") && !uri.starts_with("mongodb+srv://") {
         problems.push("MONGODB_URI: must start with mongodb:// or mongodb+srv://".into());
+    } else if !uri.is_empty() {
+        if let Err(problem) = check_uri(&uri) {
+            problems.push(format!("MONGODB_URI: {problem}"));
+        }
     }
     if !problems.is_empty() {
         return Err(ConfigErrors(problems));
@@ -291,6 +314,7 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
         http: HttpConfig {
             listen,
             api_token_ssm_parameter: None,
+            serve: api::ServeOptions::default(),
         },
         limits: Limits::default(),
         watchers: vec![WatcherSpec {
@@ -305,6 +329,7 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
             on_history_lost: OnHistoryLost::Fail,
             on_invalidate: OnInvalidate::Stop,
             on_oversized: OnOversized::Fail,
+            on_undeliverable: OnUndeliverable::Fail,
             record_format: RecordFormat::Legacy,
             batch,
             checkpoint_interval: Duration::from_secs(1),
@@ -338,26 +363,166 @@ fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8080))
 }
 
-/// Hides the password of a `mongodb://user:pass@host` URI.
+/// URI options whose values are secrets. The driver compares option names without regard to
+/// case, and so do we. `authMechanismProperties` carries `AWS_SESSION_TOKEN:...` for
+/// MONGODB-AWS; `proxyPassword` is the SOCKS5 proxy's; the two key-file passwords unlock the
+/// TLS client key.
+const SECRET_URI_OPTIONS: [&str; 4] = [
+    "tlsCertificateKeyFilePassword",
+    "sslClientCertificateKeyPassword",
+    "authMechanismProperties",
+    "proxyPassword",
+];
+
+fn is_secret_option(key: &str) -> bool {
+    SECRET_URI_OPTIONS
+        .iter()
+        .any(|name| name.eq_ignore_ascii_case(key.trim()))
+}
+
+/// Hides every secret of a MongoDB URI: the password of `mongodb://user:pass@host` and the
+/// values of the secret-bearing options (`...?tlsCertificateKeyFilePassword=****`).
 pub fn redact_uri(uri: &str) -> String {
-    let Some(scheme_end) = uri.find("://") else {
-        return uri.to_owned();
+    let (scheme, rest) = match uri.find("://") {
+        Some(i) => (&uri[..i + 3], &uri[i + 3..]),
+        None => ("", uri),
     };
-    let rest = &uri[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
+    let (before_query, query) = match rest.find('?') {
+        Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+        None => (rest, None),
+    };
+    let authority_end = before_query.find('/').unwrap_or(before_query.len());
+    let authority = &before_query[..authority_end];
+    let mut out = String::with_capacity(uri.len());
+    out.push_str(scheme);
     match authority.rfind('@') {
-        Some(at) => {
+        Some(at) if !scheme.is_empty() => {
             let userinfo = &authority[..at];
             let user = userinfo.split(':').next().unwrap_or_default();
-            let shown = if userinfo.contains(':') {
-                format!("{user}:****")
-            } else {
-                user.to_owned()
-            };
-            format!("{}://{shown}@{}", &uri[..scheme_end], &rest[at + 1..])
+            out.push_str(user);
+            if userinfo.contains(':') {
+                out.push_str(":****");
+            }
+            out.push_str(&before_query[at..]);
         }
-        None => uri.to_owned(),
+        _ => out.push_str(before_query),
+    }
+    if let Some(query) = query {
+        out.push('?');
+        // Options are separated by `&` (`;` is accepted by some drivers, so it is kept too).
+        for part in query.split_inclusive(['&', ';']) {
+            let (option, separator) = match part.char_indices().last() {
+                Some((i, c)) if c == '&' || c == ';' => (&part[..i], &part[i..]),
+                _ => (part, ""),
+            };
+            match option.split_once('=') {
+                Some((key, _)) if is_secret_option(&percent_decode(key)) => {
+                    out.push_str(key);
+                    out.push_str("=****");
+                }
+                _ => out.push_str(option),
+            }
+            out.push_str(separator);
+        }
+    }
+    out
+}
+
+/// Every secret a URI holds, as written and percent-decoded, longest first, so that error
+/// texts from the driver (which may quote a decoded value, or one `key:value` pair of
+/// `authMechanismProperties`) can be scrubbed of them.
+pub fn uri_secrets(uri: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    let mut add = |raw: &str| {
+        for s in [raw.to_owned(), percent_decode(raw)] {
+            if !s.is_empty() && !secrets.contains(&s) {
+                secrets.push(s);
+            }
+        }
+    };
+    let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = before_query.split('/').next().unwrap_or_default();
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        if let Some((_, password)) = userinfo.split_once(':') {
+            add(password);
+        }
+    }
+    for option in query.split(['&', ';']) {
+        let Some((key, value)) = option.split_once('=') else {
+            continue;
+        };
+        if !is_secret_option(&percent_decode(key)) {
+            continue;
+        }
+        add(value);
+        for pair in percent_decode(value).split(',') {
+            if let Some((_, v)) = pair.split_once(':') {
+                add(v);
+            }
+        }
+    }
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets
+}
+
+/// Replaces every secret of `uri` in `text` with `****`.
+pub fn scrub(text: &str, uri: &str) -> String {
+    uri_secrets(uri)
+        .iter()
+        .fold(text.to_owned(), |t, s| t.replace(s.as_str(), "****"))
+}
+
+/// `%XX` escapes decoded; anything malformed is kept as written.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                let value = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
+                out.push(value as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks a URI with the driver's own parser, the one `run` uses, without DNS: a
+/// `mongodb+srv://` URI is checked for syntax and options only (its hosts come from DNS at
+/// `run`). The message never holds a secret of the URI.
+pub fn check_uri(uri: &str) -> Result<(), String> {
+    let problem = |detail: String| {
+        format!(
+            "`{}` is not a usable MongoDB URI: {}",
+            redact_uri(uri),
+            scrub(&detail, uri)
+        )
+    };
+    let parsed =
+        mongodb::options::ConnectionString::parse(uri).map_err(|e| problem(driver_message(&e)))?;
+    // `ClientOptions::parse` (what `run` calls) refuses this one after the syntax check.
+    #[allow(deprecated)]
+    if parsed.socket_timeout.is_some() {
+        return Err(problem(
+            "the Rust driver does not support socketTimeoutMS".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The driver's message without its wrapper (`Kind: An invalid argument was provided: ...`).
+fn driver_message(e: &mongodb::error::Error) -> String {
+    match e.kind.as_ref() {
+        mongodb::error::ErrorKind::InvalidArgument { message, .. } => message.clone(),
+        _ => e.to_string(),
     }
 }
 
@@ -512,6 +677,15 @@ impl<'p> Section<'p> {
         }
     }
 
+    /// A duration that must be more than 0.
+    fn positive_duration(&mut self, key: &str) -> Option<Duration> {
+        let d = self.duration(key);
+        if d == Some(Duration::ZERO) {
+            self.problem(key, "must be more than 0");
+        }
+        d
+    }
+
     /// A size in bytes: a whole number, or a number with a unit (`64MiB`, `512 KiB`, `1GiB`;
     /// `KB`, `MB`, `GB` are powers of 1000). Must be more than 0.
     fn bytes(&mut self, key: &str) -> Option<usize> {
@@ -576,6 +750,7 @@ struct PartialWatcher {
     on_history_lost: Option<OnHistoryLost>,
     on_invalidate: Option<OnInvalidate>,
     on_oversized: Option<OnOversized>,
+    on_undeliverable: Option<OnUndeliverable>,
     record_format: Option<RecordFormat>,
     checkpoint_interval: Option<Duration>,
     batch_linger: Option<Duration>,
@@ -697,6 +872,13 @@ impl PartialWatcher {
                 "on_oversized",
                 &[("fail", OnOversized::Fail), ("skip", OnOversized::Skip)],
             ),
+            on_undeliverable: s.choice(
+                "on_undeliverable",
+                &[
+                    ("fail", OnUndeliverable::Fail),
+                    ("skip", OnUndeliverable::Skip),
+                ],
+            ),
             record_format: s.choice(
                 "record_format",
                 &[
@@ -814,6 +996,10 @@ impl PartialWatcher {
                 .unwrap_or_default(),
             on_invalidate: self.on_invalidate.or(d.on_invalidate).unwrap_or_default(),
             on_oversized: self.on_oversized.or(d.on_oversized).unwrap_or_default(),
+            on_undeliverable: self
+                .on_undeliverable
+                .or(d.on_undeliverable)
+                .unwrap_or_default(),
             record_format: self.record_format.or(d.record_format).unwrap_or_default(),
             batch,
             checkpoint_interval: self
@@ -865,7 +1051,7 @@ mod tests {
     fn env(name: &str) -> Option<String> {
         match name {
             "STREAM" => Some("from-env".into()),
-            "URI" => Some("mongodb://u:secret@h:27017/?x=1".into()),
+            "URI" => Some("mongodb://u:secret@h:27017/?appName=x".into()),
             _ => None,
         }
     }
@@ -1022,6 +1208,134 @@ extra: 1
             "mongodb://h:1/?directConnection=true"
         );
         assert_eq!(redact_uri("mongodb+srv://u@h/"), "mongodb+srv://u@h/");
+    }
+
+    /// Each secret-bearing option is hidden by `redact_uri` and listed by `uri_secrets`.
+    #[test]
+    fn secret_uri_options_are_redacted() {
+        for (uri, secret, shown) in [
+            (
+                "mongodb://h/?tls=true&tlsCertificateKeyFilePassword=k3yp4ss&appName=a",
+                "k3yp4ss",
+                "mongodb://h/?tls=true&tlsCertificateKeyFilePassword=****&appName=a",
+            ),
+            (
+                "mongodb://h/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:s3ss10n",
+                "s3ss10n",
+                "mongodb://h/?authMechanism=MONGODB-AWS&authMechanismProperties=****",
+            ),
+            (
+                "mongodb://h/?authmechanismproperties=AWS_SESSION_TOKEN%3As3ss10n%2Fx",
+                "s3ss10n",
+                "mongodb://h/?authmechanismproperties=****",
+            ),
+            (
+                "mongodb://h/?sslClientCertificateKeyPassword=k3y2;tls=true",
+                "k3y2",
+                "mongodb://h/?sslClientCertificateKeyPassword=****;tls=true",
+            ),
+            (
+                "mongodb://h/?proxyHost=p&proxyPassword=pr0xy",
+                "pr0xy",
+                "mongodb://h/?proxyHost=p&proxyPassword=****",
+            ),
+            (
+                "mongodb://u:hunter2@h1:1,h2:2/db?tls=true",
+                "hunter2",
+                "mongodb://u:****@h1:1,h2:2/db?tls=true",
+            ),
+        ] {
+            assert_eq!(redact_uri(uri), shown);
+            assert!(
+                uri_secrets(uri).iter().any(|s| s.contains(secret)),
+                "{uri}: {:?}",
+                uri_secrets(uri)
+            );
+            assert!(!scrub(&format!("error near {uri}"), uri).contains(secret));
+        }
+        // The decoded session token, as the driver would quote it, is scrubbed too.
+        let uri = "mongodb://h/?authMechanismProperties=AWS_SESSION_TOKEN%3As3ss10n%2Fx";
+        assert_eq!(scrub("token s3ss10n/x", uri), "token ****");
+    }
+
+    /// `check-config` refuses what `run` refuses: the driver's own parser checks the URI.
+    #[test]
+    fn uris_are_checked_with_the_drivers_parser() {
+        for (uri, expect) in [
+            ("mongodb://h:notaport/", "port"),
+            ("mongodb://h/?bogusOption=1", "bogusOption"),
+            ("mongodb://h/?directConnection=maybe", "directConnection"),
+            ("mongodb://h/?socketTimeoutMS=5", "socketTimeoutMS"),
+            ("mongodb+srv://h.example.com/?bogusOption=1", "bogusOption"),
+        ] {
+            let text = format!(
+                "mongodb: {{uri: \"{uri}\"}}\nwatchers: [{{name: a, database: d, collection: c, stream: s}}]"
+            );
+            let errs = parse(&text, &env).unwrap_err().0;
+            assert!(
+                errs.iter()
+                    .any(|p| p.starts_with("mongodb.uri: ") && p.contains(expect)),
+                "{uri}: {errs:?}"
+            );
+        }
+        let errs = parse(
+            "mongodb: {uri: \"mongodb://u:hunter2@h:x/?tlsCertificateKeyFilePassword=k3y\"}\nwatchers: []",
+            &env,
+        )
+        .unwrap_err()
+        .0;
+        let text = errs.join("\n");
+        assert!(!text.contains("hunter2") && !text.contains("k3y"), "{text}");
+        // No DNS for srv URIs: a well-formed one passes without a lookup.
+        for good in [
+            "mongodb+srv://u:p@cluster0.example.com/?retryWrites=true",
+            "mongodb://h1:1,h2:2/?replicaSet=rs0",
+        ] {
+            assert!(check_uri(good).is_ok(), "{good}: {:?}", check_uri(good));
+        }
+        let legacy = |name: &str| match name {
+            "MONGODB_URI" => Some("mongodb://h/?directConnection=maybe".to_owned()),
+            "MONGODB_DATABASE" | "MONGODB_COLLECTION" | "OUT_KINESIS_STREAM" => Some("x".into()),
+            _ => None,
+        };
+        let errs = from_legacy_env(&legacy).unwrap_err().0;
+        assert!(
+            errs.iter().any(|p| p.starts_with("MONGODB_URI: ")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn http_bounds_are_configurable() {
+        let base = "mongodb: {uri: \"mongodb://h\"}\nwatchers: [{name: a, database: d, collection: c, stream: s}]\n";
+        let c = parse(base, &env).unwrap();
+        assert_eq!(c.http.serve, api::ServeOptions::default());
+        let c = parse(
+            &format!(
+                "{base}http: {{max_connections: 32, header_read_timeout: 2s, idle_timeout: 5s}}"
+            ),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.http.serve.max_connections, 32);
+        assert_eq!(c.http.serve.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.http.serve.idle_timeout, Duration::from_secs(5));
+        let errs = parse(
+            &format!("{base}http: {{max_connections: 0, header_read_timeout: 0s}}"),
+            &env,
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            errs.iter()
+                .any(|p| p == "http.max_connections: must be at least 1"),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter()
+                .any(|p| p == "http.header_read_timeout: must be more than 0"),
+            "{errs:?}"
+        );
     }
 
     #[test]

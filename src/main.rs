@@ -132,7 +132,13 @@ fn print_config(cfg: &Config) {
         Some(c) => println!("checkpoints: table {}", c.table),
         None => println!("checkpoints: none (every start is a first start)"),
     }
-    println!("http: {}", cfg.http.listen);
+    println!(
+        "http: {} (max_connections {}, header_read_timeout {:?}, idle_timeout {:?})",
+        cfg.http.listen,
+        cfg.http.serve.max_connections,
+        cfg.http.serve.header_read_timeout,
+        cfg.http.serve.idle_timeout
+    );
     println!(
         "limits: max_pending_bytes {} (all watchers together)",
         cfg.limits.max_pending_bytes
@@ -165,6 +171,7 @@ fn print_config(cfg: &Config) {
 }
 
 async fn run(cfg: Config) -> anyhow::Result<supervisor::Shutdown> {
+    check_fd_limit(cfg.http.serve.max_connections);
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
 
@@ -244,7 +251,12 @@ async fn run(cfg: Config) -> anyhow::Result<supervisor::Shutdown> {
         .context("API token")?;
     // The API outlives the watchers' drain, so /readyz and /watchers show the shutdown.
     let http_shutdown = CancellationToken::new();
-    let http = tokio::spawn(api::serve(listener, state, http_shutdown.clone()));
+    let http = tokio::spawn(api::serve_with(
+        listener,
+        state,
+        http_shutdown.clone(),
+        cfg.http.serve,
+    ));
 
     shutdown.cancelled().await;
     info!("shutting down: draining watchers");
@@ -261,13 +273,38 @@ async fn run(cfg: Config) -> anyhow::Result<supervisor::Shutdown> {
     Ok(outcome)
 }
 
+/// Raises the open-file limit to its hard maximum and warns when the HTTP connection cap would
+/// not leave the pipeline room: MongoDB, Kinesis and DynamoDB connects failing with EMFILE
+/// stall delivery, which is worse than refusing HTTP clients.
+fn check_fd_limit(max_connections: usize) {
+    match api::raise_fd_limit() {
+        Ok(limit) => {
+            info!(soft = limit.soft, hard = limit.hard, "open file limit");
+            if !api::cap_fits(max_connections, limit) {
+                warn!(
+                    max_connections,
+                    open_file_limit = limit.soft,
+                    reserved = api::RESERVED_FDS,
+                    "http.max_connections leaves fewer than {} descriptors for MongoDB and AWS \
+                     connections; lower it or raise the open file limit (ulimit -n)",
+                    api::RESERVED_FDS
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot read the open file limit"),
+    }
+}
+
 async fn mongo_client(
     cfg: &Config,
     password: Option<String>,
     watchers: usize,
 ) -> anyhow::Result<mongodb::Client> {
-    let mut secrets: Vec<String> = password.iter().cloned().collect();
-    secrets.push(cfg.mongodb.uri.clone());
+    // The whole URI first, then its password and secret options one by one, in case the
+    // driver quotes a piece of it.
+    let mut secrets: Vec<String> = vec![cfg.mongodb.uri.clone()];
+    secrets.extend(password.iter().cloned());
+    secrets.extend(config::uri_secrets(&cfg.mongodb.uri));
     let redact = |text: String| {
         secrets
             .iter()

@@ -26,6 +26,10 @@ const RESTART_INITIAL: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
 /// A life longer than this resets the restart backoff.
 const HEALTHY_LIFE: Duration = Duration::from_secs(120);
+/// How long a rewind waits for MongoDB to answer a ping before it is refused (503). Without
+/// it the probe would wait out the driver's 30 s server selection while MongoDB is down; a
+/// healthy server answers in milliseconds.
+const REACH_TIMEOUT: Duration = Duration::from_millis(1500);
 
 pub struct Supervisor {
     tracker: TaskTracker,
@@ -440,6 +444,7 @@ async fn probe(
     spec: &WatcherSpec,
     target: &RewindTarget,
 ) -> Result<(Option<bson::Bson>, StartPosition), ControlError> {
+    reachable(client).await?;
     let start = match target {
         RewindTarget::Latest => StartPosition::Latest,
         RewindTarget::Token(t) => {
@@ -476,8 +481,17 @@ async fn probe(
         Err(WatcherError::HistoryLost { message }) => Err(ControlError::Conflict(format!(
             "rewind target is no longer in the oplog: {message}"
         ))),
+        Err(WatcherError::Mongo(e)) if watchers::error::is_foreign_resume_token(&e) => {
+            Err(ControlError::Invalid(format!(
+                "resume_token belongs to another namespace: this watcher watches `{}.{}`; give \
+                 a token of this collection's change stream (the server said: {})",
+                spec.database,
+                spec.collection,
+                watchers::error::summary(&e)
+            )))
+        }
         Err(WatcherError::Mongo(e)) => match e.kind.as_ref() {
-            mongodb::error::ErrorKind::Command(c) if [9, 260, 280].contains(&c.code) => {
+            mongodb::error::ErrorKind::Command(c) if REFUSED_TOKEN_CODES.contains(&c.code) => {
                 Err(ControlError::Conflict(format!(
                     "the server does not accept this resume token: {}",
                     c.message
@@ -488,6 +502,27 @@ async fn probe(
             ))),
         },
         Err(e) => Err(ControlError::Unavailable(e.to_string())),
+    }
+}
+
+/// Server codes for a resume token the server cannot use: FailedToParse (9),
+/// InvalidResumeToken (260), ChangeStreamFatalError (280).
+const REFUSED_TOKEN_CODES: [i32; 3] = [9, 260, 280];
+
+/// A quick ping, so that a rewind while MongoDB is down is refused in about a second with the
+/// reason instead of after the driver's server selection timeout.
+async fn reachable(client: &mongodb::Client) -> Result<(), ControlError> {
+    let admin = client.database("admin");
+    match tokio::time::timeout(REACH_TIMEOUT, admin.run_command(doc! {"ping": 1})).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(ControlError::Unavailable(format!(
+            "cannot reach MongoDB: {}; the watcher keeps its position",
+            watchers::error::summary(&e)
+        ))),
+        Err(_) => Err(ControlError::Unavailable(format!(
+            "MongoDB did not answer a ping within {REACH_TIMEOUT:?}; the watcher keeps its \
+             position"
+        ))),
     }
 }
 

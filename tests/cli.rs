@@ -74,3 +74,104 @@ fn unreadable_or_malformed_files_are_clear_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/mw.yaml: cannot read"));
 }
+
+/// Secrets a URI can carry: the password and the secret-bearing options.
+const SECRETS: [&str; 3] = ["hunter2", "k3yfilepass", "s3ssiontoken"];
+
+fn secret_uri(extra: &str) -> String {
+    format!(
+        "mongodb://app:hunter2@db.example:27017/?tls=true&tlsCertificateKeyFilePassword=k3yfilepass\
+         &authMechanismProperties=AWS_SESSION_TOKEN:s3ssiontoken{extra}"
+    )
+}
+
+fn assert_no_secret(text: &str) {
+    for secret in SECRETS {
+        assert!(!text.contains(secret), "{secret} printed in:\n{text}");
+    }
+}
+
+#[test]
+fn check_config_never_prints_secret_uri_options() {
+    for extra in ["", "&bogusOption=1"] {
+        let (code, out, err) = check_config(&format!(
+            "mongodb: {{uri: \"{}\"}}\nwatchers:\n  - {{name: a, database: d, collection: c, stream: s}}\n",
+            secret_uri(extra)
+        ));
+        assert!(code == 0 || code == 2, "{code}: {out}{err}");
+        assert!(
+            out.contains("mongodb://app:****@db.example")
+                || err.contains("mongodb://app:****@db.example"),
+            "{out}{err}"
+        );
+        assert_no_secret(&out);
+        assert_no_secret(&err);
+    }
+}
+
+#[test]
+fn check_config_refuses_uris_that_run_refuses() {
+    for (uri, expect) in [
+        ("mongodb://u:hunter2@h:notaport/", "port"),
+        ("mongodb://h:27017/?bogusOption=1", "bogusOption"),
+        (
+            "mongodb://h:27017/?directConnection=maybe",
+            "directConnection",
+        ),
+    ] {
+        let (code, out, err) = check_config(&format!(
+            "mongodb: {{uri: \"{uri}\"}}\nwatchers:\n  - {{name: a, database: d, collection: c, stream: s}}\n"
+        ));
+        assert_eq!(code, 2, "{uri}: {out}{err}");
+        assert!(
+            err.lines()
+                .any(|l| l.trim_start().starts_with("mongodb.uri: ") && l.contains(expect)),
+            "{uri}: {err}"
+        );
+        assert_no_secret(&err);
+    }
+}
+
+/// `run` with a URI the driver refuses, and with one that parses but cannot be resolved (an
+/// SRV name without DNS), fails without printing any secret of it.
+#[test]
+fn a_failing_run_never_prints_uri_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = "mongodb+srv://app:hunter2@nowhere.invalid/\
+               ?authMechanismProperties=AWS_SESSION_TOKEN:s3ssiontoken";
+    // Refused by the config check (exit 2), and refused by the driver at start-up (exit 1:
+    // this build cannot resolve the SRV name).
+    for (uri, exit_code) in [(secret_uri("&bogusOption=1"), 2), (srv.to_owned(), 1)] {
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "mongodb: {{uri: \"{uri}\"}}\nhttp: {{listen: \"127.0.0.1:0\"}}\nwatchers:\n  - {{name: a, database: d, collection: c, stream: s}}\n"
+            ),
+        )
+        .expect("write");
+        let out = Command::new(env!("CARGO_BIN_EXE_mongo-watcher"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+            .env("LOG_FORMAT", "text")
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(exit_code), "{text}");
+        assert!(
+            text.contains("mongodb+srv://app:****@") || text.contains("mongodb://app:****@"),
+            "{text}"
+        );
+        assert_no_secret(&text);
+    }
+}

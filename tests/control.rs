@@ -462,3 +462,226 @@ async fn api_token_from_ssm() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(!w.logs().contains("ssm-api-token-9090"));
 }
+
+// ---- Issue 8: a bounded HTTP server, rewind details, MongoDB unreachable ----
+
+/// A GET on a fresh connection, or None when nothing answered within `timeout`.
+fn get_within(port: u16, path: &str, timeout: Duration) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    String::from_utf8_lossy(&out)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Open descriptors of a process.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// 600 idle connections (a probe that never sends a request) against a cap of 64 and a 1 s
+/// header timeout, in a process whose open-file limit is lowered to 400 the way a small
+/// container's is: the HTTP server holds at most 64 descriptors, closes the idle clients,
+/// still answers /healthz, and the pipeline's own MongoDB, Kinesis and DynamoDB sockets keep
+/// delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http_connections_are_bounded_and_closed_while_delivery_goes_on() {
+    const CAP: usize = 64;
+    const IDLE_CLIENTS: usize = 600;
+    let s = Setup::new(Mongo::start()).await;
+    let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
+    let cfg = s.config(&watchers).replace(
+        "http:\n",
+        &format!("http:\n  max_connections: {CAP}\n  header_read_timeout: 1s\n"),
+    );
+    let w = Watcher::start_with_env(
+        s.dir.path(),
+        &cfg,
+        &s.moto.endpoint(),
+        &[("MONGO_WATCHER_API_TOKEN", TOKEN)],
+    );
+    wait_http(s.port, "/readyz", WAIT, |r| r.status == 200);
+    let pid = w.pid().expect("running");
+    let coll = s.coll().await;
+    insert_ids(&coll, [1]).await;
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[1]))
+        .await;
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), "--nofile=400:400"])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(limited.success());
+    let baseline = open_fds(pid);
+
+    let mut idle = Vec::with_capacity(IDLE_CLIENTS);
+    for _ in 0..IDLE_CLIENTS {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], s.port));
+        if let Ok(c) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            idle.push(c);
+        }
+    }
+    assert!(
+        idle.len() > CAP * 4,
+        "only {} connections opened",
+        idle.len()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = open_fds(pid);
+    assert!(
+        held <= baseline + CAP + 8,
+        "{held} descriptors open with {} idle clients (baseline {baseline}, cap {CAP})",
+        idle.len()
+    );
+
+    // Delivery goes on while the idle clients are held.
+    insert_ids(&coll, [2, 3]).await;
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[1, 2, 3]))
+        .await;
+
+    // /healthz answers: it waits its turn behind the idle clients, each closed after 1 s.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        get_within(s.port, "/healthz", Duration::from_secs(40)),
+        Some(200),
+        "no answer from /healthz after {:?}",
+        started.elapsed()
+    );
+
+    // Every idle client was closed by the server (EOF or reset), none kept.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut kept = 0;
+    for mut c in idle {
+        use std::io::Read;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        c.set_read_timeout(Some(left.max(Duration::from_millis(10))))
+            .expect("read timeout");
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(0) => {}
+            Err(e)
+                if e.kind() != std::io::ErrorKind::WouldBlock
+                    && e.kind() != std::io::ErrorKind::TimedOut => {}
+            _ => kept += 1,
+        }
+    }
+    assert_eq!(
+        kept, 0,
+        "idle connections still open after the header timeout"
+    );
+    insert_ids(&coll, [4]).await;
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[4]))
+        .await;
+    assert!(
+        !w.logs().contains("Too many open files"),
+        "descriptors ran out"
+    );
+}
+
+/// A resume token of another collection is refused with 400 naming the namespace, and the
+/// watcher keeps its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_to_another_collections_token_is_400_naming_the_namespace() {
+    let s = Setup::new(Mongo::start()).await;
+    let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
+    let _w = s.start(&watchers, Some(TOKEN));
+    let other = s
+        .mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("other");
+    let mut stream = other.watch().await.expect("watch other");
+    other
+        .insert_one(doc! {"_id": 99_i64})
+        .await
+        .expect("insert");
+    let event = futures_util::StreamExt::next(&mut stream)
+        .await
+        .expect("an event")
+        .expect("event");
+    let token = watchers::reader::from_resume_token(&event.id).expect("token");
+    let body = json!({"resume_token": token.into_relaxed_extjson()}).to_string();
+    let r = s.post("/watchers/w/rewind", Some(TOKEN), &body);
+    assert_eq!(r.status, 400, "{}", r.body);
+    let error = r.json()["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("another namespace"), "{error}");
+    assert!(error.contains("db.c"), "{error}");
+    wait_http(s.port, "/watchers/w", WAIT, |r| {
+        r.json()["state"] == "running"
+    });
+    let coll = s.coll().await;
+    insert_ids(&coll, [1]).await;
+    s.aws
+        .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[1]))
+        .await;
+}
+
+/// With MongoDB gone, resume and rewind answer within seconds (not after the driver's 30 s
+/// server selection) with the watcher's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_and_rewind_answer_at_once_while_mongodb_is_down() {
+    let mut s = Setup::new(Mongo::start()).await;
+    let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
+    let _w = s.start(&watchers, Some(TOKEN));
+    s.mongo.kill();
+    let latest = json!({"to": "latest"}).to_string();
+    let timed = |action: &str, body: &str| {
+        let started = std::time::Instant::now();
+        let r = s.post(&format!("/watchers/w/{action}"), Some(TOKEN), body);
+        (r, started.elapsed())
+    };
+
+    // Right after the kill the pipeline still runs; the rewind's probe finds MongoDB gone.
+    let (r, took) = timed("rewind", &latest);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(took < Duration::from_secs(5), "rewind took {took:?}");
+    assert!(r.json()["state"].is_string(), "{}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("MongoDB"),
+        "{}",
+        r.body
+    );
+
+    // Later the watcher is starting (stuck connecting) or backing off.
+    wait_http(s.port, "/watchers/w", WAIT, |r| {
+        r.json()["state"] == "starting" || r.json()["state"] == "backing_off"
+    });
+    for (action, body) in [("resume", ""), ("rewind", latest.as_str())] {
+        let (r, took) = timed(action, body);
+        assert!(
+            took < Duration::from_secs(5),
+            "{action} took {took:?}: {}",
+            r.body
+        );
+        assert!(
+            r.status == 503 || (action == "resume" && r.status == 200),
+            "{action}: {} {}",
+            r.status,
+            r.body
+        );
+        if r.status == 503 {
+            let state = r.json()["state"].as_str().unwrap_or_default().to_owned();
+            assert!(
+                ["starting", "backing_off"].contains(&state.as_str()),
+                "{}",
+                r.body
+            );
+        }
+    }
+}

@@ -8,6 +8,8 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use watchers::control::ControlError;
 
+use crate::model::WatcherState;
+
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
@@ -16,6 +18,12 @@ pub struct ErrorBody {
     /// The known watcher names (only when the named watcher does not exist).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub watchers: Option<Vec<String>>,
+    /// The watcher's state when a command could not be carried out (503).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<WatcherState>,
+    /// Why the watcher is in that state, when it says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Why a request failed.
@@ -48,12 +56,17 @@ pub enum ApiError {
     /// Body over the limit: 413.
     #[error("{0}")]
     PayloadTooLarge(String),
-    /// Body without `Content-Type: application/json`: 415.
-    #[error("{0}")]
-    UnsupportedMediaType(String),
     /// The watcher could not carry the command out, did not answer in time, or is gone: 503.
     #[error("{0}")]
     Unavailable(String),
+    /// As [`ApiError::Unavailable`], with the watcher's state and reason so the caller sees
+    /// why (e.g. MongoDB unreachable): 503.
+    #[error("{message}")]
+    WatcherUnavailable {
+        message: String,
+        state: WatcherState,
+        reason: Option<String>,
+    },
     /// A bug or an unexpected failure on our side: 500.
     #[error("{0}")]
     Internal(String),
@@ -76,8 +89,9 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::WatcherUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -88,11 +102,21 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let error = self.to_string();
         let unauthorized = matches!(self, ApiError::Unauthorized(_));
-        let watchers = match self {
-            ApiError::UnknownWatcher { known, .. } => Some(known),
-            _ => None,
+        let mut body = ErrorBody {
+            error,
+            watchers: None,
+            state: None,
+            reason: None,
         };
-        let mut response = (status, Json(ErrorBody { error, watchers })).into_response();
+        match self {
+            ApiError::UnknownWatcher { known, .. } => body.watchers = Some(known),
+            ApiError::WatcherUnavailable { state, reason, .. } => {
+                body.state = Some(state);
+                body.reason = reason;
+            }
+            _ => {}
+        }
+        let mut response = (status, Json(body)).into_response();
         if unauthorized {
             response
                 .headers_mut()
@@ -118,7 +142,6 @@ impl From<JsonRejection> for ApiError {
         let message = rejection.body_text();
         match rejection.status() {
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::body_too_large(),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(message),
             // Syntax errors (400) and well-formed JSON of the wrong shape, such as an unknown
             // field (axum's 422), are both the client's malformed request here.
             _ => ApiError::BadRequest(message),

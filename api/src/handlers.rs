@@ -2,7 +2,9 @@
 //! OpenAPI document are built (see [`crate::api_routes`]), so the two cannot drift.
 
 use std::future::Future;
+use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::request::Parts;
@@ -21,9 +23,11 @@ use crate::model::{
     rfc3339, Health, HealthStatus, NotReady, Readiness, ReadinessStatus, RewindRequest,
     WatcherList, WatcherView,
 };
-use crate::state::{now_millis, AppState, LIVENESS_WINDOW};
+use crate::state::{now_millis, AppState, LIVENESS_WINDOW, UNSETTLED_COMMAND_WAIT};
 
-/// Like [`axum::Json`], but its rejections are [`ApiError`]s (JSON, with the right status).
+/// A JSON body, whatever its `Content-Type` says: `curl -d '{"to": "latest"}'` sends
+/// `application/x-www-form-urlencoded`, and refusing it with 415 only puzzled operators. A body
+/// that is not JSON of the right shape is 400; rejections are [`ApiError`]s.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
@@ -40,7 +44,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         if announced.is_some_and(|n| n > crate::MAX_BODY_BYTES as u64) {
             return Err(ApiError::body_too_large());
         }
-        let Json(value) = Json::<T>::from_request(req, state).await?;
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => ApiError::body_too_large(),
+                _ => ApiError::BadRequest(rejection.body_text()),
+            }
+        })?;
+        // `from_bytes` skips the Content-Type check that `Json`'s extractor makes.
+        let Json(value) = Json::<T>::from_bytes(&bytes)?;
         Ok(Self(value))
     }
 }
@@ -222,7 +233,9 @@ pub async fn get_watcher(
         (status = 403, description = "No API token is configured", body = ErrorBody),
         (status = 404, description = "No watcher has this name", body = ErrorBody),
         (status = 503, description = "The watcher could not pause, did not answer in time \
-         (the command may still complete) or is shutting down", body = ErrorBody),
+         (the command may still complete; 2 s for a watcher that is starting or backing off) \
+         or is shutting down; `state` and `reason` say what the watcher is doing",
+         body = ErrorBody),
     )
 )]
 pub async fn pause(
@@ -231,7 +244,7 @@ pub async fn pause(
     WatcherName(name): WatcherName,
 ) -> Result<Json<WatcherView>, ApiError> {
     let handle = lookup(&state, &name)?;
-    let timeout = state.command_timeout();
+    let timeout = command_wait(&state, handle);
     command(handle, "pause", "-", handle.pause(timeout)).await?;
     Ok(Json(WatcherView::new(handle, DateTime::now())))
 }
@@ -250,7 +263,9 @@ pub async fn pause(
         (status = 403, description = "No API token is configured", body = ErrorBody),
         (status = 404, description = "No watcher has this name", body = ErrorBody),
         (status = 503, description = "The watcher could not resume, did not answer in time \
-         (the command may still complete) or is shutting down", body = ErrorBody),
+         (the command may still complete; 2 s for a watcher that is starting or backing off) \
+         or is shutting down; `state` and `reason` say what the watcher is doing",
+         body = ErrorBody),
     )
 )]
 pub async fn resume(
@@ -259,7 +274,7 @@ pub async fn resume(
     WatcherName(name): WatcherName,
 ) -> Result<Json<WatcherView>, ApiError> {
     let handle = lookup(&state, &name)?;
-    let timeout = state.command_timeout();
+    let timeout = command_wait(&state, handle);
     command(handle, "resume", "-", handle.resume(timeout)).await?;
     Ok(Json(WatcherView::new(handle, DateTime::now())))
 }
@@ -274,8 +289,9 @@ pub async fn resume(
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Rewound; the watcher after the command", body = WatcherView),
-        (status = 400, description = "Malformed body, unknown field, bad or future time, or \
-         not exactly one of `to` and `resume_token`", body = ErrorBody),
+        (status = 400, description = "Body not JSON (whatever its Content-Type), unknown \
+         field, bad or future time, not exactly one of `to` and `resume_token`, or a resume \
+         token of another collection", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token", body = ErrorBody,
          headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
         (status = 403, description = "No API token is configured", body = ErrorBody),
@@ -283,9 +299,10 @@ pub async fn resume(
         (status = 409, description = "The target is gone (older than the oplog window, \
          unknown resume token)", body = ErrorBody),
         (status = 413, description = "Body over 16 KiB", body = ErrorBody),
-        (status = 415, description = "Body is not `application/json`", body = ErrorBody),
         (status = 503, description = "The watcher could not rewind, did not answer in time \
-         (the command may still complete) or is shutting down", body = ErrorBody),
+         (the command may still complete; 2 s for a watcher that is starting or backing off) \
+         or is shutting down; `state` and `reason` say what the watcher is doing",
+         body = ErrorBody),
     )
 )]
 pub async fn rewind(
@@ -296,7 +313,7 @@ pub async fn rewind(
 ) -> Result<Json<WatcherView>, ApiError> {
     let handle = lookup(&state, &name)?;
     let (target, described) = rewind_target(request)?;
-    let timeout = state.command_timeout();
+    let timeout = command_wait(&state, handle);
     command(handle, "rewind", &described, handle.rewind(target, timeout)).await?;
     Ok(Json(WatcherView::new(handle, DateTime::now())))
 }
@@ -335,6 +352,19 @@ fn rewind_target(request: RewindRequest) -> Result<(RewindTarget, String), ApiEr
     }
 }
 
+/// How long to wait for the watcher's answer. A watcher that is starting or backing off may be
+/// stuck connecting to MongoDB (the driver's server selection waits 30 s) and takes no command
+/// until that ends: such a caller gets 503 with the watcher's state and reason after
+/// [`UNSETTLED_COMMAND_WAIT`] rather than after the whole command timeout.
+fn command_wait(state: &AppState, handle: &WatcherHandle) -> Duration {
+    match handle.status().state {
+        WatcherStateKind::Starting | WatcherStateKind::BackingOff => {
+            state.command_timeout().min(UNSETTLED_COMMAND_WAIT)
+        }
+        _ => state.command_timeout(),
+    }
+}
+
 /// Runs an accepted command, logging it and its outcome.
 async fn command(
     handle: &WatcherHandle,
@@ -351,7 +381,19 @@ async fn command(
         }
         Err(e) => {
             tracing::warn!(watcher, action, target, error = %e, "control command failed");
-            Err(e.into())
+            Err(match e {
+                // Say what the watcher is doing, so the caller can tell "MongoDB is down" from
+                // "try again".
+                ControlError::Unavailable(message) => {
+                    let status = handle.status();
+                    ApiError::WatcherUnavailable {
+                        message,
+                        state: status.state.into(),
+                        reason: status.reason,
+                    }
+                }
+                other => other.into(),
+            })
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod error;
 mod handlers;
 pub mod model;
 mod openapi;
+mod serve;
 mod state;
 
 use std::time::Duration;
@@ -35,8 +36,6 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::Router;
 use prometheus::Registry;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::{
@@ -49,7 +48,14 @@ use utoipa_axum::routes;
 pub use auth::Authorized;
 pub use error::{ApiError, ErrorBody};
 pub use openapi::openapi_json;
-pub use state::{AppState, Liveness, StateError, DEFAULT_COMMAND_TIMEOUT, LIVENESS_WINDOW};
+pub use serve::{
+    cap_fits, raise_fd_limit, serve, serve_with, FdLimit, ServeOptions,
+    DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, RESERVED_FDS,
+};
+pub use state::{
+    AppState, Liveness, StateError, DEFAULT_COMMAND_TIMEOUT, LIVENESS_WINDOW,
+    UNSETTLED_COMMAND_WAIT,
+};
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -133,6 +139,8 @@ fn json_error_body(response: Response, request_timeout: Duration) -> Response {
     let body = serde_json::to_vec(&ErrorBody {
         error,
         watchers: None,
+        state: None,
+        reason: None,
     })
     .unwrap_or_default();
     let (mut parts, _) = response.into_parts();
@@ -141,21 +149,6 @@ fn json_error_body(response: Response, request_timeout: Duration) -> Response {
         .headers
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Response::from_parts(parts, Body::from(body))
-}
-
-/// Serves the API on `listener` until `shutdown` is cancelled, then lets in-flight requests
-/// finish.
-pub async fn serve(
-    listener: TcpListener,
-    state: AppState,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "HTTP API listening");
-    }
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
 }
 
 /// A registry with the process collector (CPU, memory, open fds; Linux only) registered, for

@@ -15,6 +15,11 @@ use crate::auth::ApiToken;
 /// How long a command waits for the watcher's answer unless configured otherwise.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a command waits for a watcher that is starting or backing off (see
+/// `handlers::command_wait`): long enough for a healthy start or a DynamoDB write, short
+/// enough that an operator hears at once that MongoDB is unreachable.
+pub const UNSETTLED_COMMAND_WAIT: Duration = Duration::from_secs(2);
+
 /// The supervisor is considered dead when it has not beaten for this long.
 pub const LIVENESS_WINDOW: Duration = Duration::from_secs(15);
 

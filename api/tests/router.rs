@@ -36,6 +36,7 @@ fn spec(name: &str) -> Arc<WatcherSpec> {
         on_history_lost: Default::default(),
         on_invalidate: Default::default(),
         on_oversized: Default::default(),
+        on_undeliverable: watchers::spec::OnUndeliverable::Fail,
         record_format: RecordFormat::default(),
         batch: BatchSettings::default(),
         checkpoint_interval: Duration::from_secs(5),
@@ -537,16 +538,49 @@ async fn malformed_rewind_requests_are_400() {
     );
 }
 
+/// `curl -d '{"to": "latest"}'` sends `application/x-www-form-urlencoded`; other clients send
+/// no Content-Type or `text/plain`. The body is read as JSON whatever the header says.
 #[tokio::test]
-async fn rewind_without_a_json_content_type_is_415() {
+async fn rewind_reads_a_json_body_whatever_its_content_type() {
     let h = harness(Some(TOKEN));
-    let request = Request::post("/watchers/orders/rewind")
-        .header(AUTHORIZATION, format!("Bearer {TOKEN}"))
-        .body(Body::from(r#"{"to": "latest"}"#))
-        .expect("request");
-    let r = send(&h.router, request).await;
-    assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert_json_content_type(&r);
+    for content_type in [
+        None,
+        Some("application/x-www-form-urlencoded"),
+        Some("text/plain"),
+    ] {
+        let mut request = Request::post("/watchers/orders/rewind")
+            .header(AUTHORIZATION, format!("Bearer {TOKEN}"));
+        if let Some(ct) = content_type {
+            request = request.header(CONTENT_TYPE, ct);
+        }
+        let body = Body::from(r#"{"to": "latest"}"#);
+        let r = send(&h.router, request.body(body).expect("request")).await;
+        assert_eq!(r.status, StatusCode::OK, "{content_type:?}: {}", r.text);
+        assert_eq!(r.json()["name"], "orders");
+    }
+    assert_eq!(h.seen.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_rewind_body_that_is_not_json_is_400_whatever_its_content_type() {
+    let h = harness(Some(TOKEN));
+    for (content_type, body) in [
+        (Some("application/x-www-form-urlencoded"), "to=latest"),
+        (None, "latest"),
+        (Some("application/json"), "to=latest"),
+        (None, ""),
+    ] {
+        let mut request = Request::post("/watchers/orders/rewind")
+            .header(AUTHORIZATION, format!("Bearer {TOKEN}"));
+        if let Some(ct) = content_type {
+            request = request.header(CONTENT_TYPE, ct);
+        }
+        let r = send(&h.router, request.body(Body::from(body)).expect("request")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body:?}: {}", r.text);
+        assert_json_content_type(&r);
+        assert!(r.error().contains("JSON"), "{body:?}: {}", r.text);
+    }
+    assert_eq!(h.seen.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test]
@@ -576,6 +610,50 @@ async fn a_watcher_that_does_not_answer_in_time_is_503() {
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_json_content_type(&r);
     assert!(r.error().contains("may still complete"), "{}", r.text);
+}
+
+/// A watcher that is starting or backing off may be stuck in MongoDB's 30 s server selection:
+/// the API answers after 2 s with its state and reason instead of the whole command timeout.
+#[tokio::test]
+async fn a_watcher_that_is_backing_off_answers_503_with_its_state_within_2_s() {
+    let (status_tx, status_rx) = watch::channel(Status {
+        state: State::BackingOff,
+        reason: Some("mongodb: server selection timeout".into()),
+        ..Status::default()
+    });
+    let (handle, _commands) = WatcherHandle::new(spec("stuck"), status_rx);
+    let registry = api::registry_with_process_metrics().expect("registry");
+    let metrics = Metrics::register(&registry).expect("metrics");
+    let state = AppState::new(vec![handle], registry, metrics, Liveness::new())
+        .expect("state")
+        .with_api_token(Some(TOKEN.to_owned()))
+        .expect("token")
+        .with_command_timeout(Duration::from_secs(30));
+    let router = api::router(state);
+    for (action, body) in [("resume", None), ("rewind", Some(r#"{"to": "latest"}"#))] {
+        let started = std::time::Instant::now();
+        let r = post(
+            &router,
+            &format!("/watchers/stuck/{action}"),
+            Some(TOKEN),
+            body,
+        )
+        .await;
+        let took = started.elapsed();
+        assert_eq!(
+            r.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{action}: {}",
+            r.text
+        );
+        assert!(
+            took < api::UNSETTLED_COMMAND_WAIT + Duration::from_secs(1),
+            "{action} took {took:?}"
+        );
+        assert_eq!(r.json()["state"], "backing_off", "{}", r.text);
+        assert_eq!(r.json()["reason"], "mongodb: server selection timeout");
+    }
+    drop(status_tx);
 }
 
 #[tokio::test]

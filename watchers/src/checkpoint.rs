@@ -10,6 +10,7 @@
 //! ([`Checkpointer`]), so the watcher's own write is never taken for a second writer.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::config::http::HttpResponse;
@@ -65,6 +66,10 @@ pub struct CheckpointStore {
     client: aws_sdk_dynamodb::Client,
     table: String,
     layout: Layout,
+    /// Set once the table's key schema was checked: every watcher of the process shares the
+    /// store, so 1,000 watchers make one DescribeTable, not 1,000. A failed check is not
+    /// kept, so a table created later is found.
+    verified: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl CheckpointStore {
@@ -81,6 +86,7 @@ impl CheckpointStore {
             client,
             table: table.into(),
             layout,
+            verified: Arc::default(),
         }
     }
 
@@ -92,8 +98,16 @@ impl CheckpointStore {
         &self.table
     }
 
-    /// Checks that the table exists and is keyed by its layout's hash key (S) alone.
+    /// Checks that the table exists and is keyed by its layout's hash key (S) alone; once per
+    /// process after the first success.
     pub async fn verify_table(&self) -> Result<(), WatcherError> {
+        self.verified
+            .get_or_try_init(|| self.describe_and_check())
+            .await
+            .map(|_| ())
+    }
+
+    async fn describe_and_check(&self) -> Result<(), WatcherError> {
         let out = self
             .client
             .describe_table()
@@ -430,7 +444,27 @@ enum Saved {
     Adopted,
 }
 
+/// Writes of one life whose outcome was never settled, handed to the next life of the same
+/// watcher: such a write can still land after its life ended (a request queued in an
+/// overloaded server), and the next life's first write must then take it for its own, not for
+/// a second writer.
+#[derive(Debug, Default)]
+pub struct InDoubtWrites(Vec<Attempt>);
+
 impl Checkpointer {
+    /// A writer for a new life that still knows the unsettled writes of the previous one.
+    pub fn with_in_doubt(writes: InDoubtWrites) -> Self {
+        Self {
+            in_doubt: writes.0,
+            ..Self::default()
+        }
+    }
+
+    /// The writes still unsettled, for the next life.
+    pub fn take_in_doubt(&mut self) -> InDoubtWrites {
+        InDoubtWrites(std::mem::take(&mut self.in_doubt))
+    }
+
     /// Writes the frontier if it moved, or the paused flag changed (or `force`); keeps the
     /// revision for the next write. Returns whether it wrote. A write with an unknown outcome
     /// is settled before this returns when the item can be read; every error but
@@ -1260,6 +1294,56 @@ mod tests {
         // Readable again: the write in doubt is ours.
         assert!(cp.write(&store, W, &tracker_at(3), false).await.unwrap());
         assert_eq!(stored_at(&store), (3, at(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_write_that_lands_after_its_life_ended_is_adopted_by_the_next_life() {
+        let store = MemoryCheckpoints::new();
+        // Life 1: the first write (no item yet) gets no answer and is not there on read-back.
+        let mut life1 = Checkpointer::default();
+        store.fail_next_save(Fault::Hang);
+        let err = life1
+            .write(&store, W, &tracker_at(1), true)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WatcherError::CheckpointNotApplied { .. }),
+            "{err}"
+        );
+        let carried = life1.take_in_doubt();
+        // Life 2 loads no item and starts over; then life 1's request lands.
+        let mut life2 = Checkpointer::with_in_doubt(carried);
+        store.insert(
+            W,
+            Stored {
+                checkpoint: at(1),
+                revision: 1,
+                updated_at: None,
+            },
+        );
+        assert!(life2.write(&store, W, &tracker_at(2), true).await.unwrap());
+        assert_eq!(stored_at(&store), (2, at(2)));
+        // Without the carried writes the same sequence is a conflict.
+        let store = MemoryCheckpoints::new();
+        let mut life1 = Checkpointer::default();
+        store.fail_next_save(Fault::Hang);
+        let _ = life1.write(&store, W, &tracker_at(1), true).await;
+        store.insert(
+            W,
+            Stored {
+                checkpoint: at(1),
+                revision: 1,
+                updated_at: None,
+            },
+        );
+        let err = Checkpointer::default()
+            .write(&store, W, &tracker_at(2), true)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WatcherError::CheckpointConflict { .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

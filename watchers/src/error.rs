@@ -84,6 +84,16 @@ pub enum WatcherError {
         limit: usize,
     },
 
+    #[error(
+        "change event with resume token {token} (document {document_key}) cannot be decoded: \
+         {error}; set `on_undeliverable: skip` to skip exactly this event, or rewind past it"
+    )]
+    Undeliverable {
+        token: String,
+        document_key: String,
+        error: String,
+    },
+
     #[error("kinesis stream `{stream}` rejected a record {attempts} times (max_put_retries): {last_error}")]
     PutRetriesExhausted {
         stream: String,
@@ -110,6 +120,7 @@ impl WatcherError {
             Self::CheckpointConflict { .. }
             | Self::CorruptCheckpoint { .. }
             | Self::Oversized { .. }
+            | Self::Undeliverable { .. }
             | Self::PutRetriesExhausted { .. }
             | Self::MissingResumeToken => State::Failed,
         }
@@ -169,4 +180,17 @@ pub fn summary(error: &mongodb::error::Error) -> String {
         }
         _ => error.to_string(),
     }
+}
+
+/// Whether the server refused a resume token because it belongs to another collection (a
+/// rewind given another watcher's token). SecantusDB answers Unauthorized (13) saying the
+/// token's namespace does not match; MongoDB refuses such a token with one of the
+/// resume-token codes the rewind probe already reports as a refused token.
+pub fn is_foreign_resume_token(error: &mongodb::error::Error) -> bool {
+    const UNAUTHORIZED: i32 = 13;
+    let mongodb::error::ErrorKind::Command(command) = error.kind.as_ref() else {
+        return false;
+    };
+    // Only with the namespace wording: a plain Unauthorized is a permissions problem.
+    command.code == UNAUTHORIZED && command.message.to_ascii_lowercase().contains("namespace")
 }

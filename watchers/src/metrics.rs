@@ -18,6 +18,7 @@ pub struct Metrics {
     records_rejected: IntCounterVec,
     calls_failed: IntCounterVec,
     records_skipped: IntCounterVec,
+    events_repaired: IntCounterVec,
     checkpoint_writes: IntCounterVec,
     put_duration: HistogramVec,
     batch_records: HistogramVec,
@@ -86,6 +87,7 @@ impl Metrics {
             records_rejected: counter(registry, "mongo_watcher_records_rejected_total", "Records Kinesis rejected inside an answered PutRecords call, by error code", &["watcher", "error_code"])?,
             calls_failed: counter(registry, "mongo_watcher_put_calls_failed_total", "PutRecords calls that failed whole (error answer, timeout, connection), by error code", &["watcher", "error_code"])?,
             records_skipped: counter(registry, "mongo_watcher_records_skipped_total", "Events not delivered on purpose, by reason", &["watcher", "reason"])?,
+            events_repaired: counter(registry, "mongo_watcher_events_repaired_total", "Events delivered after decoding leniently, by reason (invalid_utf8: invalid sequences replaced with U+FFFD)", &["watcher", "reason"])?,
             checkpoint_writes: counter(registry, "mongo_watcher_checkpoint_writes_total", "Checkpoints written to DynamoDB", &["watcher"])?,
             put_duration: histogram(
                 "mongo_watcher_put_duration_seconds",
@@ -151,10 +153,14 @@ pub struct WatcherMetrics {
 
 impl WatcherMetrics {
     pub fn event(&self, operation: &str) {
+        self.events(operation).inc();
+    }
+
+    /// The events counter of one operation type, for a caller that keeps it.
+    pub fn events(&self, operation: &str) -> IntCounter {
         self.metrics
             .events
             .with_label_values(&[&self.watcher, operation])
-            .inc();
     }
 
     pub fn retries(&self, reason: &str, n: u64) {
@@ -190,6 +196,13 @@ impl WatcherMetrics {
         set(&self.metrics.records_delayed, delayed);
     }
 
+    pub fn repaired(&self, reason: &str) {
+        self.metrics
+            .events_repaired
+            .with_label_values(&[&self.watcher, reason])
+            .inc();
+    }
+
     pub fn skipped(&self, reason: &str) {
         self.metrics
             .records_skipped
@@ -214,6 +227,7 @@ mod tests {
         w.call_failed("InternalFailure");
         w.flow(3, 10, 1000, 2);
         w.skipped("oversized");
+        w.repaired("invalid_utf8");
         w.checkpoint_writes.inc();
         w.put_duration.observe(0.02);
         w.batch_records.observe(3.0);
@@ -237,6 +251,7 @@ mod tests {
             "mongo_watcher_records_delayed{watcher=\"orders\"} 2",
             "mongo_watcher_records_skipped_total{reason=\"oversized\",watcher=\"orders\"} 1",
             "mongo_watcher_checkpoint_writes_total{watcher=\"orders\"} 1",
+            "mongo_watcher_events_repaired_total{reason=\"invalid_utf8\",watcher=\"orders\"} 1",
             "mongo_watcher_put_duration_seconds_bucket",
             "mongo_watcher_batch_records_bucket",
             "mongo_watcher_lag_seconds{watcher=\"orders\"} 0",

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bson::{Bson, Document};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::Future;
+use prometheus::IntCounter;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -18,16 +19,16 @@ use tracing::{error, info, warn};
 
 use crate::ack::{AckTracker, Position};
 use crate::batch::{PendingRecord, Scheduler};
-use crate::checkpoint::{CheckpointBackend, CheckpointStore, Checkpointer};
+use crate::checkpoint::{CheckpointBackend, CheckpointStore, Checkpointer, InDoubtWrites};
 use crate::control::Command;
 use crate::error::WatcherError;
 use crate::flow::{record_delay, ByteBudget, Reservation, SendLimit};
 use crate::kinesis::{CallError, KinesisSink, RecordResult, RecordSink};
 use crate::metrics::{Metrics, WatcherMetrics};
-use crate::reader::{self, ReaderMsg, StartPosition};
+use crate::reader::{self, Decoded, ReaderMsg, StartPosition, Undecodable};
 use crate::record::{self, MAX_RECORD_BYTES};
 use crate::retry::Backoff;
-use crate::spec::{OnOversized, StartAt, WatcherSpec};
+use crate::spec::{OnOversized, OnUndeliverable, StartAt, WatcherSpec};
 use crate::status::{State, StatusTx};
 
 /// How long a stopping watcher keeps sending what it has read before it gives up (the rest is
@@ -35,6 +36,8 @@ use crate::status::{State, StatusTx};
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Read-ahead between the reader task and the pipeline.
 const READER_CHANNEL: usize = 1024;
+/// Reader messages taken in one turn of the loop at most.
+const READ_BURST: usize = 256;
 
 /// The clients one watcher uses; cheap to clone, shared by all watchers.
 #[derive(Clone)]
@@ -69,6 +72,8 @@ pub struct Carry {
     /// Start the next life here, ignoring the stored checkpoint, and store it as the new
     /// checkpoint before reading (history lost with `restart_from_latest`, or a rewind).
     pub start_override: Option<StartPosition>,
+    /// Checkpoint writes of the last life whose outcome is unknown (they may still land).
+    pub in_doubt: InDoubtWrites,
 }
 
 /// Runs the watcher until `cancel` fires (Ok) or it fails (Err, with its state).
@@ -82,7 +87,7 @@ pub async fn run(
 ) -> Result<Exit, WatcherError> {
     status.set(State::Starting, None);
     let metrics = deps.metrics.for_watcher(&spec.name);
-    let mut cp = Checkpointer::default();
+    let mut cp = Checkpointer::with_in_doubt(std::mem::take(&mut carry.in_doubt));
     let stored = match &deps.checkpoints {
         Some(store) => {
             store.verify_table().await?;
@@ -144,7 +149,10 @@ pub async fn run(
             (None, _) => cp.initial_time = operation_time(&deps.mongo).await,
         }
         if let Some(store) = &deps.checkpoints {
-            cp.write(store, &spec.name, &tracker, true).await?;
+            if let Err(e) = cp.write(store, &spec.name, &tracker, true).await {
+                carry.in_doubt = cp.take_in_doubt();
+                return Err(e);
+            }
             record_checkpoint(&status, &metrics);
         }
     }
@@ -176,7 +184,9 @@ pub async fn run(
     pipeline.publish();
     // Final checkpoint: whatever is acknowledged, never more.
     if let Some(store) = &deps.checkpoints {
-        match cp.write(store, &spec.name, &pipeline.tracker, false).await {
+        let written = cp.write(store, &spec.name, &pipeline.tracker, false).await;
+        carry.in_doubt = cp.take_in_doubt();
+        match written {
             Ok(true) => record_checkpoint(&pipeline.status, &pipeline.metrics),
             Ok(false) => {}
             Err(e) => {
@@ -286,6 +296,8 @@ pub(crate) struct Pipeline<S: RecordSink> {
     reservations: HashMap<u64, Reservation>,
     /// Turns of the loop, so tests can tell sleeping from spinning.
     turns: Arc<AtomicU64>,
+    /// `mongo_watcher_events_total` by operation, looked up once per operation type.
+    event_counters: HashMap<String, IntCounter>,
 }
 
 impl<S: RecordSink> Pipeline<S> {
@@ -318,6 +330,7 @@ impl<S: RecordSink> Pipeline<S> {
             events_seen: 0,
             reservations: HashMap::new(),
             turns: Arc::default(),
+            event_counters: HashMap::new(),
         }
     }
 
@@ -385,36 +398,27 @@ impl<S: RecordSink> Pipeline<S> {
                 Some((batch, result)) = self.inflight.next(), if !self.inflight.is_empty() => {
                     self.on_put_result(batch, result);
                 }
-                msg = rx.recv(), if can_read => match msg {
-                    Some(Ok(ReaderMsg::Event(event, reservation))) => {
-                        self.on_event(event, reservation)
-                    }
-                    Some(Ok(ReaderMsg::Idle(token))) => {
-                        tracing::trace!(
-                            token = %token
-                                .as_ref()
-                                .map(|t| t.clone().into_relaxed_extjson().to_string())
-                                .unwrap_or_default(),
-                            "idle"
-                        );
-                        self.reader_idle = true;
-                        if let Some(token) = token {
-                            self.tracker.push_idle(token);
+                msg = rx.recv(), if can_read => {
+                    self.on_reader_msg(msg);
+                    // Take what else the reader has ready in the same turn: one turn of the
+                    // select (a timer and a cancellation waiter registered, then dropped) per
+                    // burst instead of per event.
+                    for _ in 1..READ_BURST {
+                        if self.stop.is_some()
+                            || self.scheduler.len() >= self.spec.batch.max_pending
+                        {
+                            break;
                         }
-                        self.publish();
-                    }
-                    Some(Err(e)) => {
-                        warn!(error = %e, "change stream failed; flushing what was read");
-                        self.stop = Some(Err(e));
-                    }
-                    None => {
-                        if self.stop.is_none() {
-                            self.stop = Some(Err(WatcherError::Mongo(
-                                mongodb::error::Error::custom("change stream reader ended"),
-                            )));
+                        match rx.try_recv() {
+                            Ok(msg) => self.on_reader_msg(Some(msg)),
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => {
+                                self.on_reader_msg(None);
+                                break;
+                            }
                         }
                     }
-                },
+                }
                 _ = sleep_until_opt(wake), if wake.is_some() => {}
                 _ = sleep_until_opt(drain_wake), if drain_wake.is_some() => {}
                 _ = tick.tick() => {
@@ -479,7 +483,14 @@ impl<S: RecordSink> Pipeline<S> {
             cluster_time: event.get_timestamp("clusterTime").ok(),
         };
         let operation = event.get_str("operationType").unwrap_or("unknown");
-        self.metrics.event(operation);
+        match self.event_counters.get(operation) {
+            Some(counter) => counter.inc(),
+            None => {
+                let counter = self.metrics.events(operation);
+                counter.inc();
+                self.event_counters.insert(operation.to_owned(), counter);
+            }
+        }
         self.events_seen += 1;
         let seq = self.tracker.push_event(position);
         tracing::trace!(
@@ -499,11 +510,12 @@ impl<S: RecordSink> Pipeline<S> {
             return;
         }
         let partition_key = record::partition_key(&event, &self.spec.partition_key);
-        let data = record::encode(&event, self.spec.record_format);
+        let operation = operation.to_owned();
+        let document_key = event.get("documentKey").cloned();
+        let data = record::encode_owned(event, self.spec.record_format);
         let size = data.len() + partition_key.len();
         if size > MAX_RECORD_BYTES {
-            let operation = operation.to_owned();
-            self.on_oversized(&event, seq, size, &operation);
+            self.on_oversized(document_key.as_ref(), seq, size, &operation);
             return;
         }
         self.reservations.insert(seq, reservation);
@@ -518,9 +530,96 @@ impl<S: RecordSink> Pipeline<S> {
         }
     }
 
-    fn on_oversized(&mut self, event: &Document, seq: u64, size: usize, operation: &str) {
-        let document_key = event
-            .get("documentKey")
+    fn on_reader_msg(&mut self, msg: Option<Result<ReaderMsg, WatcherError>>) {
+        match msg {
+            Some(Ok(ReaderMsg::Event(event, reservation, decoded))) => {
+                if decoded == Decoded::Utf8Repaired {
+                    self.on_repaired(&event);
+                }
+                self.on_event(event, reservation)
+            }
+            Some(Ok(ReaderMsg::Undecodable(undecodable))) => self.on_undecodable(*undecodable),
+            Some(Ok(ReaderMsg::Idle(token))) => {
+                tracing::trace!(
+                    token = %token
+                        .as_ref()
+                        .map(|t| t.clone().into_relaxed_extjson().to_string())
+                        .unwrap_or_default(),
+                    "idle"
+                );
+                self.reader_idle = true;
+                if let Some(token) = token {
+                    self.tracker.push_idle(token);
+                }
+                self.publish();
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "change stream failed; flushing what was read");
+                self.stop = Some(Err(e));
+            }
+            None => {
+                if self.stop.is_none() {
+                    self.stop = Some(Err(WatcherError::Mongo(mongodb::error::Error::custom(
+                        "change stream reader ended",
+                    ))));
+                }
+            }
+        }
+    }
+
+    fn on_repaired(&self, event: &Document) {
+        warn!(
+            token = %event.get("_id").map(|t| t.clone().into_relaxed_extjson().to_string()).unwrap_or_default(),
+            document_key = %event
+                .get("documentKey")
+                .map(|k| k.clone().into_relaxed_extjson().to_string())
+                .unwrap_or_default(),
+            "change event holds invalid UTF-8; delivered with U+FFFD in place of each invalid sequence"
+        );
+        self.metrics.repaired("invalid_utf8");
+    }
+
+    /// An event that does not decode at all: skipped past exactly (its token is acknowledged
+    /// as if delivered) with `on_undeliverable: skip`, else the watcher stops naming it.
+    fn on_undecodable(&mut self, u: Undecodable) {
+        self.reader_idle = false;
+        let token_text = u
+            .token
+            .as_ref()
+            .map(|t| t.clone().into_relaxed_extjson().to_string())
+            .unwrap_or_else(|| "(unreadable)".to_owned());
+        match (self.spec.on_undeliverable, u.token) {
+            (OnUndeliverable::Skip, Some(token)) => {
+                warn!(token = %token_text, document_key = %u.document_key, error = %u.error,
+                    "change event cannot be decoded; skipped (on_undeliverable: skip)");
+                let seq = self.tracker.push_event(Position {
+                    token,
+                    cluster_time: None,
+                });
+                self.tracker.ack(seq);
+                self.metrics.skipped("undeliverable");
+                self.status.update(|s| s.counters.records_skipped += 1);
+            }
+            _ => {
+                error!(token = %token_text, document_key = %u.document_key, error = %u.error,
+                    "change event cannot be decoded; watcher stops");
+                self.stop = Some(Err(WatcherError::Undeliverable {
+                    token: token_text,
+                    document_key: u.document_key,
+                    error: u.error,
+                }));
+            }
+        }
+    }
+
+    fn on_oversized(
+        &mut self,
+        document_key: Option<&Bson>,
+        seq: u64,
+        size: usize,
+        operation: &str,
+    ) {
+        let document_key = document_key
             .map(|k| k.clone().into_relaxed_extjson().to_string())
             .unwrap_or_else(|| "(none)".into());
         match self.spec.on_oversized {

@@ -34,9 +34,59 @@ pub enum StartPosition {
 #[derive(Debug)]
 pub enum ReaderMsg {
     /// An event, with the bytes it holds in the budgets until it is acknowledged.
-    Event(Document, Reservation),
+    Event(Document, Reservation, Decoded),
+    /// An event that does not decode even leniently; the watcher's `on_undeliverable` decides.
+    Undecodable(Box<Undecodable>),
     /// A read came back empty; the stream's resume token at that point, if any.
     Idle(Option<Bson>),
+}
+
+/// How an event's bytes became a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded {
+    Exact,
+    /// Some strings were not valid UTF-8 (MongoDB can hold such data); each invalid sequence
+    /// was replaced with U+FFFD so the event can still be delivered.
+    Utf8Repaired,
+}
+
+/// An event that cannot be turned into a document at all, described by what can be read of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undecodable {
+    /// The event's resume token, when its `_id` is readable: where to skip past it.
+    pub token: Option<Bson>,
+    /// `documentKey` as relaxed Extended JSON, or a note that it is unreadable.
+    pub document_key: String,
+    pub error: String,
+}
+
+/// Decodes an event strictly, then with invalid UTF-8 replaced; an event that fails both is
+/// described for the `on_undeliverable` policy instead of failing the stream, so one bad
+/// document can never block a watcher for good.
+pub fn decode(raw: &RawDocumentBuf) -> Result<(Document, Decoded), Box<Undecodable>> {
+    let strict = match Document::try_from(raw) {
+        Ok(event) => return Ok((event, Decoded::Exact)),
+        Err(e) => e,
+    };
+    if let Ok(lossy) = bson::Utf8Lossy::<Document>::try_from(raw.clone()) {
+        return Ok((lossy.0, Decoded::Utf8Repaired));
+    }
+    let token = raw
+        .get("_id")
+        .ok()
+        .flatten()
+        .and_then(|t| Bson::try_from(t).ok());
+    let document_key = raw
+        .get_document("documentKey")
+        .ok()
+        .and_then(|k| bson::Utf8Lossy::<Document>::try_from(k).ok())
+        .map(|k| Bson::Document(k.0).into_relaxed_extjson().to_string())
+        .unwrap_or_else(|| "(unreadable)".to_owned());
+    Err(Box::new(Undecodable {
+        token,
+        document_key,
+        error: strict.to_string(),
+    }))
 }
 
 /// How long one empty read (getMore) may wait on the server for new events.
@@ -101,15 +151,11 @@ pub async fn run(
                     _ = cancel.cancelled() => return,
                     r = Reservation::take(&watcher_budget, &process_budget, bytes) => r,
                 };
-                let msg = Document::try_from(raw)
-                    .map(|event| ReaderMsg::Event(event, reservation))
-                    .map_err(|e| {
-                        WatcherError::Mongo(mongodb::error::Error::custom(format!(
-                            "change event does not decode: {e}"
-                        )))
-                    });
-                let failed = msg.is_err();
-                if !send(&tx, &cancel, msg).await || last || failed {
+                let msg = match decode(&raw) {
+                    Ok((event, decoded)) => ReaderMsg::Event(event, reservation, decoded),
+                    Err(undecodable) => ReaderMsg::Undecodable(undecodable),
+                };
+                if !send(&tx, &cancel, Ok(msg)).await || last {
                     return;
                 }
                 continue;
@@ -183,6 +229,50 @@ fn bad_token(e: bson::error::Error) -> WatcherError {
 mod tests {
     use super::*;
     use bson::doc;
+
+    #[test]
+    fn invalid_utf8_is_repaired_not_fatal() {
+        let good = RawDocumentBuf::try_from(&doc! {
+            "_id": {"_data": "82AB"},
+            "documentKey": {"_id": 7},
+            "fullDocument": {"_id": 7, "s": "POISON-AB"},
+        })
+        .unwrap();
+        let (event, decoded) = decode(&good).unwrap();
+        assert_eq!(decoded, Decoded::Exact);
+        assert_eq!(
+            event
+                .get_document("fullDocument")
+                .unwrap()
+                .get_str("s")
+                .unwrap(),
+            "POISON-AB"
+        );
+        // The same bytes with "AB" replaced by 0xC3 0x28, an invalid UTF-8 sequence.
+        let mut bytes = good.as_bytes().to_vec();
+        let at = bytes.windows(9).position(|w| w == b"POISON-AB").unwrap() + 7;
+        bytes[at] = 0xC3;
+        bytes[at + 1] = 0x28;
+        let bad = RawDocumentBuf::from_bytes(bytes).unwrap();
+        assert!(
+            Document::try_from(&bad).is_err(),
+            "strict decoding refuses it"
+        );
+        let (event, decoded) = decode(&bad).unwrap();
+        assert_eq!(decoded, Decoded::Utf8Repaired);
+        assert_eq!(
+            event
+                .get_document("fullDocument")
+                .unwrap()
+                .get_str("s")
+                .unwrap(),
+            "POISON-\u{FFFD}("
+        );
+        assert_eq!(
+            event.get("_id"),
+            Some(&Bson::Document(doc! {"_data": "82AB"}))
+        );
+    }
 
     #[test]
     fn tokens_convert_both_ways() {

@@ -118,10 +118,19 @@ fn hex(bytes: &[u8]) -> String {
 /// Serializes an event the way Python's `json.dumps` does (`", "` and `": "` separators,
 /// non-ASCII escaped as `\uXXXX`), so that consumers of the old tool see the same bytes.
 pub fn encode(event: &Document, format: RecordFormat) -> Vec<u8> {
+    match format {
+        RecordFormat::Legacy => encode_legacy(event),
+        _ => encode_owned(event.clone(), format),
+    }
+}
+
+/// [`encode`] for a caller that no longer needs the event: the Extended JSON formats consume
+/// the document, so taking it saves a deep copy of every event on the hot path.
+pub fn encode_owned(event: Document, format: RecordFormat) -> Vec<u8> {
     let value = match format {
-        RecordFormat::Relaxed => Bson::Document(event.clone()).into_relaxed_extjson(),
-        RecordFormat::Canonical => Bson::Document(event.clone()).into_canonical_extjson(),
-        RecordFormat::Legacy => return encode_legacy(event),
+        RecordFormat::Relaxed => Bson::Document(event).into_relaxed_extjson(),
+        RecordFormat::Canonical => Bson::Document(event).into_canonical_extjson(),
+        RecordFormat::Legacy => return encode_legacy(&event),
     };
     let mut out = Vec::with_capacity(256);
     let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);

@@ -41,6 +41,16 @@ pub enum OnInvalidate {
     Continue,
 }
 
+/// What to do with a change event that cannot be decoded even leniently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnUndeliverable {
+    /// Stop the watcher (`failed`), naming the event's token and document key.
+    #[default]
+    Fail,
+    /// Skip exactly that event (logged and counted) and go on.
+    Skip,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnOversized {
     #[default]
@@ -63,6 +73,7 @@ pub struct WatcherSpec {
     pub on_history_lost: OnHistoryLost,
     pub on_invalidate: OnInvalidate,
     pub on_oversized: OnOversized,
+    pub on_undeliverable: OnUndeliverable,
     pub record_format: RecordFormat,
     pub batch: BatchSettings,
     pub checkpoint_interval: Duration,

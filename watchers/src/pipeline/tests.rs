@@ -159,6 +159,7 @@ fn spec(batch: BatchSettings) -> WatcherSpec {
         on_history_lost: OnHistoryLost::Fail,
         on_invalidate: OnInvalidate::Stop,
         on_oversized: OnOversized::Fail,
+        on_undeliverable: OnUndeliverable::Fail,
         record_format: RecordFormat::Relaxed,
         batch,
         checkpoint_interval: Duration::from_secs(1),
@@ -223,7 +224,7 @@ impl Run {
         };
         let reservation = Reservation::take(&self.budget, &self.budget, 100).await;
         self.events
-            .send(Ok(ReaderMsg::Event(event, reservation)))
+            .send(Ok(ReaderMsg::Event(event, reservation, Decoded::Exact)))
             .await
             .unwrap();
     }
