@@ -4,9 +4,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bson::{doc, Document};
@@ -21,30 +18,12 @@ struct WireProxy {
 
 impl WireProxy {
     fn start(mongo: &Mongo) -> Self {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/wire_proxy.py");
-        let mut child = Command::new(venv_bin().join("python"))
-            .arg(script)
-            .args(["--upstream", &format!("127.0.0.1:{}", mongo.port)])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start wire_proxy.py");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("proxy stdout"))
-            .read_line(&mut line)
-            .expect("proxy announces its port");
-        let port = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected wire proxy output {line:?}"));
-        Self {
-            port,
-            _proc: Proc {
-                child,
-                name: "wire proxy".into(),
-            },
-        }
+        let (port, proc) = start_listening_script(
+            "tests/support/wire_proxy.py",
+            &["--upstream", &format!("127.0.0.1:{}", mongo.port)],
+            "wire proxy",
+        );
+        Self { port, _proc: proc }
     }
 
     fn uri(&self) -> String {

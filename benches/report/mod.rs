@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -952,28 +951,12 @@ async fn latency(e: Arc<Env>, s: Sizes) -> (Vec<(&'static str, f64)>, String) {
 /// Scenario 6: `n` watchers, each on its own collection, on a SecantusDB allowing enough
 /// connections: spawn until `/readyz` answers 200, and the RSS then.
 async fn many_watchers(e: Arc<Env>, n: usize) -> (f64, f64) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/secantus_server.py");
     let max = n + 200;
-    let mut child = Command::new(venv_bin().join("python"))
-        .arg(script)
-        .args(["--port", "0", "--max-connections", &max.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start benches/secantus_server.py");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("secantus_server.py announces its port");
-    let _server = Proc {
-        child,
-        name: "secantus (many watchers)".into(),
-    };
-    let mongo_port: u16 = line
-        .trim()
-        .strip_prefix("LISTENING ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected secantus_server.py output {line:?}"));
+    let (mongo_port, _server) = start_listening_script(
+        "benches/secantus_server.py",
+        &["--port", "0", "--max-connections", &max.to_string()],
+        "secantus (many watchers)",
+    );
     let table = unique("bench-many-cps");
     e.aws.create_checkpoint_table(&table).await;
     let stream = unique("bench-many");

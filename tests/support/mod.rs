@@ -199,6 +199,34 @@ impl Moto {
 }
 
 /// The fault-injection proxy in front of moto's Kinesis.
+/// Starts the project's Python script `script` (a path below the repository) with the venv's
+/// Python; the script prints one line `LISTENING <port>` once it is ready. Returns that port
+/// and the process (killed on drop).
+pub fn start_listening_script(script: &str, args: &[&str], name: &str) -> (u16, Proc) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let mut child = Command::new(venv_bin().join("python"))
+        .arg(path)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {script}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("script stdout"))
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{script} announces its port: {e}"));
+    let proc = Proc {
+        child,
+        name: name.to_owned(),
+    };
+    let port = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output of {script}: {line:?}"));
+    (port, proc)
+}
+
 pub struct Proxy {
     pub port: u16,
     _proc: Proc,
@@ -206,30 +234,12 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(moto: &Moto) -> Self {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/kinesis_proxy.py");
-        let mut child = Command::new(venv_bin().join("python"))
-            .arg(script)
-            .args(["--upstream", &moto.endpoint(), "--port", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start kinesis_proxy.py");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("proxy stdout"))
-            .read_line(&mut line)
-            .expect("proxy announces its port");
-        let port = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected proxy output {line:?}"));
-        Self {
-            port,
-            _proc: Proc {
-                child,
-                name: "proxy".into(),
-            },
-        }
+        let (port, proc) = start_listening_script(
+            "tests/support/kinesis_proxy.py",
+            &["--upstream", &moto.endpoint(), "--port", "0"],
+            "proxy",
+        );
+        Self { port, _proc: proc }
     }
 
     pub fn endpoint(&self) -> String {
