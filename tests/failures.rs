@@ -540,3 +540,70 @@ async fn a_second_checkpoint_writer_still_fails_the_watcher() {
     wait_http(port, "/watchers/w", WAIT, |r| r.json()["state"] == "failed");
     assert!(w.logs().contains("is a second instance running?"));
 }
+
+/// The checkpoint table deleted mid-run: delivery goes on, the watcher shows `backing_off`
+/// with a reason naming the table (not `running` with no reason), and `running` again once the
+/// table is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_table_deleted_mid_run_is_shown_then_recovered() {
+    let mongo = Mongo::start();
+    let moto = Moto::start();
+    let aws = Aws::new(&moto).await;
+    let table = unique("cps");
+    aws.create_checkpoint_table(&table).await;
+    let s = unique("s");
+    aws.create_stream(&s, 1).await;
+    let port = free_port();
+    let cfg = config_yaml(
+        &mongo,
+        Some(&table),
+        &[watcher_yaml("w", "db", "c", &s, "")],
+    )
+    .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let dir = tempfile::tempdir().unwrap();
+    let _w = Watcher::start(dir.path(), &cfg, &moto.endpoint());
+    wait_http(port, "/readyz", WAIT, |r| r.status == 200);
+    let coll = mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
+    aws.dynamodb
+        .delete_table()
+        .table_name(&table)
+        .send()
+        .await
+        .expect("delete the checkpoint table");
+    // Keep the frontier moving so that every checkpoint interval (200 ms) tries a write.
+    let mut next = 0i64;
+    let mut shown = None;
+    for _ in 0..100 {
+        insert_ids(&coll, [next]).await;
+        next += 1;
+        let w = request(port, "GET", "/watchers/w", None, "").json();
+        if w["state"] == "backing_off" {
+            shown = Some(w);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let w = shown.expect("the watcher never showed the failing checkpoints");
+    let reason = w["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("checkpoints cannot be written") && reason.contains(&table),
+        "{w}"
+    );
+    assert_eq!(
+        request(port, "GET", "/readyz", None, "").status,
+        503,
+        "not ready"
+    );
+    let ids: Vec<i64> = (0..next).collect();
+    aws.wait_for_ids(&s, &ids, WAIT).await;
+    aws.create_checkpoint_table(&table).await;
+    insert_ids(&coll, [next]).await;
+    wait_http(port, "/watchers/w", WAIT, |r| {
+        r.json()["state"] == "running"
+    });
+    aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
+}

@@ -257,6 +257,8 @@ type PutFuture = Pin<
 const STREAM_BACKOFF_AFTER: u32 = 2;
 /// Calls in a row with nothing acknowledged before the watcher shows `backing_off`.
 const BACKING_OFF_AFTER: u32 = 3;
+/// Checkpoint writes failed in a row before the watcher shows `backing_off`.
+const CHECKPOINT_FAILURES_SHOWN: u32 = 3;
 
 /// One life's loop and everything it holds: the scheduler, the ack tracker, the calls in
 /// flight and the flow-control state. Generic over the sink so that the timing logic is
@@ -276,6 +278,10 @@ pub(crate) struct Pipeline<S: RecordSink> {
     stream_retry_at: Option<Instant>,
     /// Calls in a row with nothing acknowledged.
     failing_calls: u32,
+    /// Why Kinesis takes nothing, while it does not.
+    kinesis_trouble: Option<String>,
+    /// Why checkpoints cannot be written, while they cannot.
+    checkpoint_trouble: Option<String>,
     /// When the oldest ready record stops waiting for company.
     linger_deadline: Option<Instant>,
     /// The last read came back empty: send what is ready without lingering.
@@ -320,6 +326,8 @@ impl<S: RecordSink> Pipeline<S> {
             inflight: FuturesUnordered::new(),
             stream_retry_at: None,
             failing_calls: 0,
+            kinesis_trouble: None,
+            checkpoint_trouble: None,
             linger_deadline: None,
             reader_idle: false,
             stop: None,
@@ -430,6 +438,10 @@ impl<S: RecordSink> Pipeline<S> {
                                 if wrote {
                                     record_checkpoint(&self.status, &self.metrics);
                                 }
+                                if self.checkpoint_trouble.take().is_some() {
+                                    info!("checkpoint writes succeed again");
+                                    self.show_health();
+                                }
                             }
                             Err(e @ WatcherError::CheckpointConflict { .. }) => {
                                 self.halted = true;
@@ -439,6 +451,17 @@ impl<S: RecordSink> Pipeline<S> {
                                 checkpoint_failures += 1;
                                 if checkpoint_failures.is_power_of_two() {
                                     warn!(error = %e, failures = checkpoint_failures, "checkpoint write failed; will retry");
+                                }
+                                if checkpoint_failures >= CHECKPOINT_FAILURES_SHOWN {
+                                    // Delivery goes on, but the stored position is frozen: a
+                                    // restart would replay everything since it.
+                                    self.checkpoint_trouble = Some(format!(
+                                        "checkpoints cannot be written ({checkpoint_failures} \
+                                         attempts in a row; events are still delivered, a \
+                                         restart would replay them since the last stored \
+                                         checkpoint): {e}"
+                                    ));
+                                    self.show_health();
                                 }
                             }
                         }
@@ -755,8 +778,8 @@ impl<S: RecordSink> Pipeline<S> {
             self.stream_backoff.reset();
             self.stream_retry_at = None;
             self.limit.on_success();
-            if self.stop.is_none() && self.status.get().state == State::BackingOff {
-                self.status.set(State::Running, None);
+            if self.kinesis_trouble.take().is_some() {
+                self.show_health();
             }
         } else if call_failed || rejected > 1 {
             // Nothing got through: a signal about the stream. A lone record rejected on its
@@ -777,18 +800,36 @@ impl<S: RecordSink> Pipeline<S> {
                     );
                 }
             }
-            if self.stop.is_none() && self.failing_calls >= BACKING_OFF_AFTER {
-                self.status.set(
-                    State::BackingOff,
-                    Some(format!(
-                        "kinesis stream `{}`: nothing acknowledged in the last {} calls: {last_error}",
-                        self.sink.stream(),
-                        self.failing_calls
-                    )),
-                );
+            if self.failing_calls >= BACKING_OFF_AFTER {
+                self.kinesis_trouble = Some(format!(
+                    "kinesis stream `{}`: nothing acknowledged in the last {} calls: {last_error}",
+                    self.sink.stream(),
+                    self.failing_calls
+                ));
+                self.show_health();
             }
         }
         self.publish();
+    }
+
+    /// `backing_off` with its reason while Kinesis takes nothing or checkpoints cannot be
+    /// written (Kinesis first: it stops delivery), `running` again once neither holds.
+    fn show_health(&self) {
+        if self.stop.is_some() {
+            return;
+        }
+        match self
+            .kinesis_trouble
+            .as_ref()
+            .or(self.checkpoint_trouble.as_ref())
+        {
+            Some(reason) => self.status.set(State::BackingOff, Some(reason.clone())),
+            None => {
+                if self.status.get().state == State::BackingOff {
+                    self.status.set(State::Running, None);
+                }
+            }
+        }
     }
 
     /// Publishes progress: events read, the newest acknowledged event time, caught up, and

@@ -121,6 +121,8 @@ impl RecordSink for FakeSink {
 #[derive(Clone, Default)]
 struct MemoryStore {
     saves: Arc<Mutex<Vec<(Instant, Checkpoint)>>>,
+    /// Every save fails (as with the table deleted) while set.
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CheckpointBackend for MemoryStore {
@@ -138,6 +140,12 @@ impl CheckpointBackend for MemoryStore {
         expected: Option<u64>,
         checkpoint: &Checkpoint,
     ) -> Result<u64, WatcherError> {
+        if self.failing.load(Ordering::Relaxed) {
+            return Err(WatcherError::CheckpointTableMissing {
+                table: "memory".into(),
+                key: "watcher",
+            });
+        }
         let mut saves = self.saves.lock().unwrap();
         saves.push((Instant::now(), checkpoint.clone()));
         Ok(expected.unwrap_or(0) + 1)
@@ -591,6 +599,42 @@ async fn the_checkpoint_is_written_each_interval_while_the_frontier_moves() {
         saves[1].1.token,
         Some(Bson::Document(doc! {"_data": "00000002"}))
     );
+    run.stop().await.0.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_checkpoint_writes_show_backing_off_while_delivery_goes_on() {
+    let sink = FakeSink::accept_all();
+    let store = MemoryStore::default();
+    store.failing.store(true, Ordering::Relaxed);
+    let mut run = Run::start(
+        spec(BatchSettings {
+            linger: ms(1),
+            ..batch()
+        }),
+        sink.clone(),
+        Some(store.clone()),
+    );
+    for i in 0..4 {
+        run.insert(&format!("k{i}")).await;
+        tokio::time::sleep(ms(1000)).await;
+    }
+    {
+        let status = run.status.borrow();
+        assert_eq!(status.state, State::BackingOff);
+        let reason = status.reason.clone().unwrap_or_default();
+        assert!(
+            reason.contains("checkpoints cannot be written") && reason.contains("memory"),
+            "{reason}"
+        );
+    }
+    assert_eq!(sink.delivered().len(), 4, "delivery goes on");
+    store.failing.store(false, Ordering::Relaxed);
+    run.insert("k9").await;
+    tokio::time::sleep(ms(1100)).await;
+    assert_eq!(run.status.borrow().state, State::Running);
+    assert_eq!(run.status.borrow().reason, None);
+    assert!(!store.saves.lock().unwrap().is_empty());
     run.stop().await.0.unwrap();
 }
 
