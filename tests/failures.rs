@@ -607,3 +607,90 @@ async fn checkpoint_table_deleted_mid_run_is_shown_then_recovered() {
     });
     aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
 }
+
+/// MongoDB killed under a running watcher: within seconds the watcher shows `backing_off`
+/// with a reason naming MongoDB (not `running` for the driver's 30 s server selection), keeps
+/// showing it through the failed life and the restarts that wait for MongoDB (never
+/// `starting` with no reason), and runs again once MongoDB is back, losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_outage_is_shown_as_backing_off_throughout() {
+    let moto = Moto::start();
+    let aws = Aws::new(&moto).await;
+    let data = tempfile::tempdir().unwrap();
+    let storage = data.path().to_str().unwrap().to_owned();
+    let mut mongo = Mongo::start_on(free_port(), &storage, &[]);
+    let table = unique("cps");
+    aws.create_checkpoint_table(&table).await;
+    let s = unique("s");
+    aws.create_stream(&s, 1).await;
+    let port = free_port();
+    // The URI keeps the driver's default 30 s server selection timeout.
+    let cfg = config_yaml(
+        &mongo,
+        Some(&table),
+        &[watcher_yaml("w", "db", "c", &s, "")],
+    )
+    .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Watcher::start(dir.path(), &cfg, &moto.endpoint());
+    wait_http(port, "/readyz", WAIT, |r| r.status == 200);
+    let coll = mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
+    insert_ids(&coll, 1..=3).await;
+    aws.wait_for_ids(&s, &[1, 2, 3], WAIT).await;
+    mongo.kill();
+    let killed = std::time::Instant::now();
+    let state = |port| request(port, "GET", "/watchers/w", None, "").json();
+    let mut shown_after = None;
+    while killed.elapsed() < Duration::from_secs(20) {
+        if state(port)["state"] == "backing_off" {
+            shown_after = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let shown_after = shown_after.expect("not backing_off within 20 s of MongoDB's death");
+    assert!(
+        shown_after < Duration::from_secs(10),
+        "shown after {shown_after:?}"
+    );
+    // Through the driver's 30 s server selection and the restarts after it.
+    let mut seen = std::collections::BTreeSet::new();
+    while killed.elapsed() < Duration::from_secs(45) {
+        let w = state(port);
+        assert_eq!(w["state"], "backing_off", "during the outage: {w}");
+        assert!(
+            w["reason"].as_str().is_some_and(|r| r.contains("mongodb")),
+            "{w}"
+        );
+        seen.insert(
+            w["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .chars()
+                .take(40)
+                .collect::<String>(),
+        );
+        assert_eq!(request(port, "GET", "/readyz", None, "").status, 503);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        w.exited().is_none(),
+        "the process keeps waiting for MongoDB"
+    );
+    mongo.restart_with(&[]);
+    wait_http(port, "/watchers/w", Duration::from_secs(90), |r| {
+        r.json()["state"] == "running"
+    });
+    let coll = mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
+    insert_ids(&coll, 4..=6).await;
+    aws.wait_for_ids(&s, &[1, 2, 3, 4, 5, 6], WAIT).await;
+    eprintln!("shown after {shown_after:?}; reasons seen: {seen:?}");
+}

@@ -85,7 +85,15 @@ pub async fn run(
     carry: &mut Carry,
     commands: &mut mpsc::Receiver<Command>,
 ) -> Result<Exit, WatcherError> {
-    status.set(State::Starting, None);
+    // A life that follows a failure keeps showing `backing_off` and its reason until its
+    // stream is open: opening waits out MongoDB's server selection (30 s by default), and
+    // `starting` with no reason would hide an outage.
+    status.update(|s| {
+        if s.state != State::BackingOff {
+            s.state = State::Starting;
+            s.reason = None;
+        }
+    });
     let metrics = deps.metrics.for_watcher(&spec.name);
     let mut cp = Checkpointer::with_in_doubt(std::mem::take(&mut carry.in_doubt));
     let stored = match &deps.checkpoints {
@@ -203,6 +211,14 @@ pub async fn run(
             }
         }
     }
+    if let (Err(e), true) = (&result, cancel.is_cancelled()) {
+        // Whatever ended the life during shutdown, the process is stopping: report the drain,
+        // not an error to restart from.
+        info!(error = %e, "stopped during shutdown");
+        return Ok(Exit::Cancelled {
+            unsent: pipeline.unsent,
+        });
+    }
     result?;
     Ok(match pipeline.command.take() {
         Some(cmd) => Exit::Command(cmd),
@@ -259,6 +275,11 @@ const STREAM_BACKOFF_AFTER: u32 = 2;
 const BACKING_OFF_AFTER: u32 = 3;
 /// Checkpoint writes failed in a row before the watcher shows `backing_off`.
 const CHECKPOINT_FAILURES_SHOWN: u32 = 3;
+/// Silence of the change stream, while the loop is ready to read, after which the watcher
+/// shows `backing_off`. A healthy stream answers at least every `reader::MAX_AWAIT` (0.5 s),
+/// with events or an empty read; the driver itself gives up on a lost server only after its
+/// server selection timeout (30 s by default).
+const READER_STALL: Duration = Duration::from_secs(5);
 
 /// One life's loop and everything it holds: the scheduler, the ack tracker, the calls in
 /// flight and the flow-control state. Generic over the sink so that the timing logic is
@@ -282,6 +303,11 @@ pub(crate) struct Pipeline<S: RecordSink> {
     kinesis_trouble: Option<String>,
     /// Why checkpoints cannot be written, while they cannot.
     checkpoint_trouble: Option<String>,
+    /// Why the change stream is silent, while it is.
+    mongo_trouble: Option<String>,
+    /// The last reader message, or the last moment the loop was not ready to read (a reader
+    /// held back by a full pipeline is not silent).
+    last_read: Instant,
     /// When the oldest ready record stops waiting for company.
     linger_deadline: Option<Instant>,
     /// The last read came back empty: send what is ready without lingering.
@@ -328,6 +354,8 @@ impl<S: RecordSink> Pipeline<S> {
             failing_calls: 0,
             kinesis_trouble: None,
             checkpoint_trouble: None,
+            mongo_trouble: None,
+            last_read: Instant::now(),
             linger_deadline: None,
             reader_idle: false,
             stop: None,
@@ -379,11 +407,15 @@ impl<S: RecordSink> Pipeline<S> {
                     break;
                 }
             }
-            let can_read =
-                self.stop.is_none() && self.scheduler.len() < self.spec.batch.max_pending;
+            let can_read = self.can_read();
+            self.watch_reader(can_read);
             let wake = self.next_wake();
             let drain_wake = drain_deadline.filter(|_| !self.halted);
             tokio::select! {
+                // In this order: cancellation first (at shutdown the reader stops too, and its
+                // closed channel must not be taken for a failed stream); the reader last, so a
+                // long backlog cannot starve the timers and the checkpoint tick.
+                biased;
                 _ = cancel.cancelled(), if self.stop.is_none() => {
                     info!("stopping: flushing records in flight");
                     self.stop = Some(Ok(()));
@@ -405,27 +437,6 @@ impl<S: RecordSink> Pipeline<S> {
                 },
                 Some((batch, result)) = self.inflight.next(), if !self.inflight.is_empty() => {
                     self.on_put_result(batch, result);
-                }
-                msg = rx.recv(), if can_read => {
-                    self.on_reader_msg(msg);
-                    // Take what else the reader has ready in the same turn: one turn of the
-                    // select (a timer and a cancellation waiter registered, then dropped) per
-                    // burst instead of per event.
-                    for _ in 1..READ_BURST {
-                        if self.stop.is_some()
-                            || self.scheduler.len() >= self.spec.batch.max_pending
-                        {
-                            break;
-                        }
-                        match rx.try_recv() {
-                            Ok(msg) => self.on_reader_msg(Some(msg)),
-                            Err(mpsc::error::TryRecvError::Empty) => break,
-                            Err(mpsc::error::TryRecvError::Disconnected) => {
-                                self.on_reader_msg(None);
-                                break;
-                            }
-                        }
-                    }
                 }
                 _ = sleep_until_opt(wake), if wake.is_some() => {}
                 _ = sleep_until_opt(drain_wake), if drain_wake.is_some() => {}
@@ -467,6 +478,27 @@ impl<S: RecordSink> Pipeline<S> {
                         }
                     }
                 }
+                msg = rx.recv(), if can_read => {
+                    self.on_reader_msg(msg);
+                    // Take what else the reader has ready in the same turn: one turn of the
+                    // select (a timer and a cancellation waiter registered, then dropped) per
+                    // burst instead of per event.
+                    for _ in 1..READ_BURST {
+                        if self.stop.is_some()
+                            || self.scheduler.len() >= self.spec.batch.max_pending
+                        {
+                            break;
+                        }
+                        match rx.try_recv() {
+                            Ok(msg) => self.on_reader_msg(Some(msg)),
+                            Err(mpsc::error::TryRecvError::Empty) => break,
+                            Err(mpsc::error::TryRecvError::Disconnected) => {
+                                self.on_reader_msg(None);
+                                break;
+                            }
+                        }
+                    }
+                }
             }
         }
         self.stop.take().unwrap_or(Ok(()))
@@ -477,6 +509,16 @@ impl<S: RecordSink> Pipeline<S> {
     /// anyway (calls at the limit, nothing waiting), so the loop sleeps until a call returns,
     /// an event arrives or a command comes.
     fn next_wake(&self) -> Option<Instant> {
+        // The moment a silent change stream is to be shown (once).
+        let stall = (self.mongo_trouble.is_none() && self.can_read())
+            .then_some(self.last_read + READER_STALL);
+        match (self.next_send_wake(), stall) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn next_send_wake(&self) -> Option<Instant> {
         if self.halted || self.inflight.len() >= self.limit.current() {
             return None;
         }
@@ -553,7 +595,35 @@ impl<S: RecordSink> Pipeline<S> {
         }
     }
 
+    fn can_read(&self) -> bool {
+        self.stop.is_none() && self.scheduler.len() < self.spec.batch.max_pending
+    }
+
+    /// Shows a change stream that has been silent for [`READER_STALL`] while the loop was
+    /// ready to read.
+    fn watch_reader(&mut self, can_read: bool) {
+        let now = Instant::now();
+        if !can_read {
+            self.last_read = now;
+        } else if self.mongo_trouble.is_none() && now >= self.last_read + READER_STALL {
+            warn!(silent_for = ?(now - self.last_read), "the change stream is not answering");
+            self.mongo_trouble = Some(format!(
+                "mongodb: the change stream on `{}.{}` has not answered for {} s (a healthy \
+                 stream answers every 0.5 s); the driver keeps trying",
+                self.spec.database,
+                self.spec.collection,
+                (now - self.last_read).as_secs()
+            ));
+            self.show_health();
+        }
+    }
+
     fn on_reader_msg(&mut self, msg: Option<Result<ReaderMsg, WatcherError>>) {
+        self.last_read = Instant::now();
+        if self.mongo_trouble.take().is_some() {
+            info!("the change stream answers again");
+            self.show_health();
+        }
         match msg {
             Some(Ok(ReaderMsg::Event(event, reservation, decoded))) => {
                 if decoded == Decoded::Utf8Repaired {
@@ -812,17 +882,19 @@ impl<S: RecordSink> Pipeline<S> {
         self.publish();
     }
 
-    /// `backing_off` with its reason while Kinesis takes nothing or checkpoints cannot be
-    /// written (Kinesis first: it stops delivery), `running` again once neither holds.
+    /// `backing_off` with its reason while Kinesis takes nothing, the change stream is silent
+    /// or checkpoints cannot be written (in that order: the first two stop delivery), `running`
+    /// again once none holds.
     fn show_health(&self) {
         if self.stop.is_some() {
             return;
         }
-        match self
+        let trouble = self
             .kinesis_trouble
             .as_ref()
-            .or(self.checkpoint_trouble.as_ref())
-        {
+            .or(self.mongo_trouble.as_ref())
+            .or(self.checkpoint_trouble.as_ref());
+        match trouble {
             Some(reason) => self.status.set(State::BackingOff, Some(reason.clone())),
             None => {
                 if self.status.get().state == State::BackingOff {

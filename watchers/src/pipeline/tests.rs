@@ -187,7 +187,23 @@ struct Run {
 }
 
 impl Run {
+    /// A loop fed by a healthy reader: an empty read (idle) every 400 ms between events.
     fn start(spec: WatcherSpec, sink: FakeSink, store: Option<MemoryStore>) -> Self {
+        let run = Self::start_silent(spec, sink, store);
+        let events = run.events.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ms(400)).await;
+                if events.send(Ok(ReaderMsg::Idle(None))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        run
+    }
+
+    /// A loop whose reader says nothing unless the test sends something.
+    fn start_silent(spec: WatcherSpec, sink: FakeSink, store: Option<MemoryStore>) -> Self {
         let (status_tx, status) = StatusTx::channel();
         let metrics = crate::metrics::Metrics::register(&prometheus::Registry::new())
             .unwrap()
@@ -636,6 +652,59 @@ async fn failing_checkpoint_writes_show_backing_off_while_delivery_goes_on() {
     assert_eq!(run.status.borrow().reason, None);
     assert!(!store.saves.lock().unwrap().is_empty());
     run.stop().await.0.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_change_stream_shows_backing_off_until_it_answers() {
+    let sink = FakeSink::accept_all();
+    let mut run = Run::start_silent(spec(batch()), sink.clone(), None);
+    run.insert("a").await;
+    tokio::time::sleep(ms(4900)).await;
+    assert_ne!(
+        run.status.borrow().state,
+        State::BackingOff,
+        "4.9 s is not silence yet"
+    );
+    tokio::time::sleep(ms(200)).await;
+    {
+        let status = run.status.borrow();
+        assert_eq!(status.state, State::BackingOff);
+        let reason = status.reason.clone().unwrap_or_default();
+        assert!(reason.contains("has not answered"), "{reason}");
+    }
+    let turns = run.turns();
+    tokio::time::sleep(ms(10_000)).await;
+    assert!(
+        run.turns() - turns < 20,
+        "shown once, no wake-ups while silent"
+    );
+    run.idle().await;
+    settle().await;
+    assert_eq!(run.status.borrow().state, State::Running);
+    run.stop().await.0.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_wins_over_the_reader_closing_at_the_same_time() {
+    // At shutdown the reader stops with the watcher and closes its channel: the loop must
+    // see a requested stop (reported with its drain), not a failed change stream.
+    for _ in 0..20 {
+        let sink = FakeSink::accept_all();
+        let mut run = Run::start_silent(spec(batch()), sink, None);
+        run.insert("a").await;
+        settle().await;
+        let Run {
+            events,
+            cancel,
+            task,
+            ..
+        } = run;
+        drop(events);
+        cancel.cancel();
+        let (result, unsent) = task.await.unwrap();
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(unsent, 0);
+    }
 }
 
 #[tokio::test(start_paused = true)]
