@@ -606,6 +606,26 @@ async fn checkpoint_table_deleted_mid_run_is_shown_then_recovered() {
         r.json()["state"] == "running"
     });
     aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
+    // The error stays visible with its time, and the stored checkpoint is shown.
+    let w = wait_http(port, "/watchers/w", WAIT, |r| {
+        r.json()["checkpoint"]["resume_token"].is_object()
+    })
+    .json();
+    assert!(
+        w["last_error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("checkpoints cannot be written")),
+        "{w}"
+    );
+    assert!(w["last_error"]["at"].is_string(), "{w}");
+    assert!(w["checkpoint"]["cluster_time"].is_string(), "{w}");
+    let metrics = request(port, "GET", "/metrics", None, "").body;
+    for gauge in [
+        "mongo_watcher_read_lag_seconds{watcher=\"w\"}",
+        "mongo_watcher_committed_lag_seconds{watcher=\"w\"}",
+    ] {
+        assert!(metrics.contains(gauge), "{gauge} missing");
+    }
 }
 
 /// MongoDB killed under a running watcher: within seconds the watcher shows `backing_off`

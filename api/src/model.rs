@@ -90,6 +90,26 @@ impl From<Flow> for FlowView {
     }
 }
 
+/// A stored checkpoint.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CheckpointView {
+    /// The resume token (Extended JSON, opaque).
+    #[schema(value_type = Option<Object>)]
+    pub resume_token: Option<serde_json::Value>,
+    /// Cluster time of the newest event at or before it (RFC 3339).
+    #[schema(format = DateTime)]
+    pub cluster_time: Option<String>,
+}
+
+/// An error the watcher showed.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LastErrorView {
+    pub message: String,
+    /// When it was first shown (RFC 3339).
+    #[schema(format = DateTime)]
+    pub at: Option<String>,
+}
+
 /// One watcher: what it watches, where it writes, and how it is doing.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct WatcherView {
@@ -111,6 +131,15 @@ pub struct WatcherView {
     pub last_checkpoint_at: Option<String>,
     /// Wall clock minus `last_event_time`; 0 when caught up or before the first event.
     pub lag_seconds: f64,
+    /// Wall clock minus the newest event read; 0 when caught up.
+    pub read_lag_seconds: f64,
+    /// Wall clock minus the stored checkpoint's cluster time (what a restart would replay);
+    /// 0 when caught up.
+    pub committed_lag_seconds: f64,
+    /// The checkpoint this process last wrote: where a restart resumes.
+    pub checkpoint: Option<CheckpointView>,
+    /// The last error the watcher showed, with when.
+    pub last_error: Option<LastErrorView>,
     /// Times the supervisor restarted the watcher after an error.
     pub restarts: u64,
     pub counters: CountersView,
@@ -128,6 +157,19 @@ impl WatcherView {
             stream: spec.stream.clone(),
             state: status.state.into(),
             lag_seconds: status.lag_seconds(now),
+            read_lag_seconds: status.read_lag_seconds(now),
+            committed_lag_seconds: status.committed_lag_seconds(now),
+            checkpoint: status.checkpoint.clone().map(|c| CheckpointView {
+                resume_token: c.token.and_then(|t| serde_json::from_str(&t).ok()),
+                cluster_time: c.cluster_time.and_then(rfc3339),
+            }),
+            last_error: status
+                .last_error
+                .clone()
+                .map(|(at, message)| LastErrorView {
+                    message,
+                    at: rfc3339(at),
+                }),
             reason: status.reason,
             paused: status.paused,
             last_event_time: status.last_event_time.and_then(rfc3339),

@@ -19,7 +19,7 @@ use watchers::control::{Command, ControlError, RewindTarget, WatcherHandle};
 use watchers::metrics::Metrics;
 use watchers::record::{FieldPath, RecordFormat};
 use watchers::spec::{BatchSettings, StartAt, WatcherSpec};
-use watchers::status::{Counters, Flow, State, Status};
+use watchers::status::{Counters, Flow, State, Status, StoredPosition};
 
 const TOKEN: &str = "s3cret-token-value";
 
@@ -329,6 +329,15 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
             records_skipped: 1,
             checkpoint_writes: 4,
         };
+        s.last_read_event_time = Some(DateTime::from_millis(1_700_000_002_000));
+        s.checkpoint = Some(StoredPosition {
+            token: Some(r#"{"_data":"8263AB"}"#.into()),
+            cluster_time: Some(DateTime::from_millis(1_700_000_000_000)),
+        });
+        s.last_error = Some((
+            DateTime::from_millis(1_700_000_003_000),
+            "kinesis stream `orders-stream`: nothing acknowledged".into(),
+        ));
         s.flow = Flow {
             send_limit: 2,
             calls_in_flight: 1,
@@ -350,8 +359,16 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
     assert_eq!(names, ["orders", "users", "silent", "gone"]);
     let orders = &body["watchers"][0];
     assert!(orders["lag_seconds"].as_f64().is_some_and(|lag| lag > 1e6));
+    assert!(orders["read_lag_seconds"]
+        .as_f64()
+        .is_some_and(|lag| lag > 1e6));
+    assert!(orders["committed_lag_seconds"]
+        .as_f64()
+        .is_some_and(|lag| lag > 1e6));
     let mut orders = orders.clone();
     orders["lag_seconds"] = json!(0);
+    orders["read_lag_seconds"] = json!(0);
+    orders["committed_lag_seconds"] = json!(0);
     assert_eq!(
         orders,
         json!({
@@ -365,6 +382,16 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
             "last_event_time": "2023-11-14T22:13:20Z",
             "last_checkpoint_at": "2023-11-14T22:13:21Z",
             "lag_seconds": 0,
+            "read_lag_seconds": 0,
+            "committed_lag_seconds": 0,
+            "checkpoint": {
+                "resume_token": {"_data": "8263AB"},
+                "cluster_time": "2023-11-14T22:13:20Z"
+            },
+            "last_error": {
+                "message": "kinesis stream `orders-stream`: nothing acknowledged",
+                "at": "2023-11-14T22:13:23Z"
+            },
             "restarts": 2,
             "counters": {
                 "events": 10, "records_put": 9, "put_retries": 3,

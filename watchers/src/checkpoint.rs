@@ -417,6 +417,8 @@ pub struct Checkpointer {
     /// Writes naming the current `revision` whose outcome is not known, oldest first. One of
     /// them may still be (or already have been) applied; none can once the revision moves.
     in_doubt: Vec<Attempt>,
+    /// The checkpoint of the last settled write.
+    stored: Option<Checkpoint>,
 }
 
 /// One write as sent: what the item holds if it was applied.
@@ -518,7 +520,7 @@ impl Checkpointer {
                 .unwrap_or_default(),
             "checkpoint written"
         );
-        self.settle(revision, frontier.cloned(), checkpoint.paused);
+        self.settle(revision, frontier.cloned(), checkpoint);
         Ok(true)
     }
 
@@ -620,20 +622,22 @@ impl Checkpointer {
             revision = attempt.revision,
             "an earlier checkpoint write with an unknown outcome was applied; continuing from it"
         );
-        self.settle(
-            attempt.revision,
-            attempt.position,
-            attempt.checkpoint.paused,
-        );
+        self.settle(attempt.revision, attempt.position, attempt.checkpoint);
         true
     }
 
     /// The item now holds `revision`: the next write names it, and no earlier write can apply.
-    fn settle(&mut self, revision: u64, position: Option<Position>, paused: bool) {
+    fn settle(&mut self, revision: u64, position: Option<Position>, checkpoint: Checkpoint) {
         self.revision = Some(revision);
         self.last_written = position;
-        self.written_paused = paused;
+        self.written_paused = checkpoint.paused;
+        self.stored = Some(checkpoint);
         self.in_doubt.clear();
+    }
+
+    /// What the item holds since this writer's last write, if it wrote.
+    pub fn stored(&self) -> Option<&Checkpoint> {
+        self.stored.as_ref()
     }
 
     fn remember(&mut self, attempt: Attempt) {

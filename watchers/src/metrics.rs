@@ -23,6 +23,8 @@ pub struct Metrics {
     put_duration: HistogramVec,
     batch_records: HistogramVec,
     lag: GaugeVec,
+    read_lag: GaugeVec,
+    committed_lag: GaugeVec,
     checkpoint_age: GaugeVec,
     state: IntGaugeVec,
     restarts: IntGaugeVec,
@@ -100,6 +102,8 @@ impl Metrics {
                 vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0],
             )?,
             lag: gauge("mongo_watcher_lag_seconds", "Wall clock minus the cluster time of the newest acknowledged event; 0 when caught up")?,
+            read_lag: gauge("mongo_watcher_read_lag_seconds", "Wall clock minus the cluster time of the newest event read from the change stream; 0 when caught up")?,
+            committed_lag: gauge("mongo_watcher_committed_lag_seconds", "Wall clock minus the cluster time of the stored checkpoint (what a restart would replay); 0 when caught up")?,
             checkpoint_age: gauge("mongo_watcher_checkpoint_age_seconds", "Seconds since the checkpoint was last written")?,
             state,
             restarts,
@@ -127,6 +131,12 @@ impl Metrics {
         self.lag
             .with_label_values(&[watcher])
             .set(status.lag_seconds(now));
+        self.read_lag
+            .with_label_values(&[watcher])
+            .set(status.read_lag_seconds(now));
+        self.committed_lag
+            .with_label_values(&[watcher])
+            .set(status.committed_lag_seconds(now));
         if let Some(age) = status.checkpoint_age_seconds(now) {
             self.checkpoint_age.with_label_values(&[watcher]).set(age);
         }
@@ -255,6 +265,8 @@ mod tests {
             "mongo_watcher_put_duration_seconds_bucket",
             "mongo_watcher_batch_records_bucket",
             "mongo_watcher_lag_seconds{watcher=\"orders\"} 0",
+            "mongo_watcher_read_lag_seconds{watcher=\"orders\"} 0",
+            "mongo_watcher_committed_lag_seconds{watcher=\"orders\"} 0",
             "mongo_watcher_watcher_state{state=\"running\",watcher=\"orders\"} 1",
             "mongo_watcher_watcher_state{state=\"failed\",watcher=\"orders\"} 0",
         ] {

@@ -29,7 +29,7 @@ use crate::reader::{self, Decoded, ReaderMsg, StartPosition, Undecodable};
 use crate::record::{self, MAX_RECORD_BYTES};
 use crate::retry::Backoff;
 use crate::spec::{OnOversized, OnUndeliverable, StartAt, WatcherSpec};
-use crate::status::{State, StatusTx};
+use crate::status::{State, StatusTx, StoredPosition};
 
 /// How long a stopping watcher keeps sending what it has read before it gives up (the rest is
 /// read again after a restart: nothing past the frontier was checkpointed).
@@ -161,7 +161,7 @@ pub async fn run(
                 carry.in_doubt = cp.take_in_doubt();
                 return Err(e);
             }
-            record_checkpoint(&status, &metrics);
+            record_checkpoint(&status, &metrics, &cp);
         }
     }
 
@@ -195,7 +195,7 @@ pub async fn run(
         let written = cp.write(store, &spec.name, &pipeline.tracker, false).await;
         carry.in_doubt = cp.take_in_doubt();
         match written {
-            Ok(true) => record_checkpoint(&pipeline.status, &pipeline.metrics),
+            Ok(true) => record_checkpoint(&pipeline.status, &pipeline.metrics, &cp),
             Ok(false) => {}
             Err(e) => {
                 error!(error = %e, "final checkpoint write failed");
@@ -228,12 +228,27 @@ pub async fn run(
     })
 }
 
-fn record_checkpoint(status: &StatusTx, metrics: &WatcherMetrics) {
+fn record_checkpoint(status: &StatusTx, metrics: &WatcherMetrics, cp: &Checkpointer) {
     metrics.checkpoint_writes.inc();
+    let stored = cp.stored().map(|c| StoredPosition {
+        token: c
+            .token
+            .as_ref()
+            .map(|t| t.clone().into_relaxed_extjson().to_string()),
+        cluster_time: c.cluster_time.map(wall_time),
+    });
     status.update(|s| {
         s.last_checkpoint_at = Some(bson::DateTime::now());
         s.counters.checkpoint_writes += 1;
+        if stored.is_some() {
+            s.checkpoint = stored;
+        }
     });
+}
+
+/// A cluster time as wall time (its seconds).
+fn wall_time(ts: bson::Timestamp) -> bson::DateTime {
+    bson::DateTime::from_millis(i64::from(ts.time) * 1000)
 }
 
 /// Answers a command that the pipeline cannot carry out itself.
@@ -305,6 +320,8 @@ pub(crate) struct Pipeline<S: RecordSink> {
     checkpoint_trouble: Option<String>,
     /// Why the change stream is silent, while it is.
     mongo_trouble: Option<String>,
+    /// Cluster time of the newest event read.
+    newest_read: Option<bson::Timestamp>,
     /// The last reader message, or the last moment the loop was not ready to read (a reader
     /// held back by a full pipeline is not silent).
     last_read: Instant,
@@ -355,6 +372,7 @@ impl<S: RecordSink> Pipeline<S> {
             kinesis_trouble: None,
             checkpoint_trouble: None,
             mongo_trouble: None,
+            newest_read: None,
             last_read: Instant::now(),
             linger_deadline: None,
             reader_idle: false,
@@ -447,7 +465,7 @@ impl<S: RecordSink> Pipeline<S> {
                             Ok(wrote) => {
                                 checkpoint_failures = 0;
                                 if wrote {
-                                    record_checkpoint(&self.status, &self.metrics);
+                                    record_checkpoint(&self.status, &self.metrics, cp);
                                 }
                                 if self.checkpoint_trouble.take().is_some() {
                                     info!("checkpoint writes succeed again");
@@ -547,6 +565,9 @@ impl<S: RecordSink> Pipeline<S> {
             token,
             cluster_time: event.get_timestamp("clusterTime").ok(),
         };
+        if position.cluster_time.is_some() {
+            self.newest_read = position.cluster_time;
+        }
         let operation = event.get_str("operationType").unwrap_or("unknown");
         match self.event_counters.get(operation) {
             Some(counter) => counter.inc(),
@@ -908,10 +929,8 @@ impl<S: RecordSink> Pipeline<S> {
     /// the flow-control figures.
     fn publish(&mut self) {
         let events = std::mem::take(&mut self.events_seen);
-        let event_time = self
-            .tracker
-            .frontier_event_time()
-            .map(|ts| bson::DateTime::from_millis(i64::from(ts.time) * 1000));
+        let event_time = self.tracker.frontier_event_time().map(wall_time);
+        let read_time = self.newest_read.map(wall_time);
         let caught_up = self.tracker.outstanding() == 0 && self.reader_idle;
         let limit = self.limit.current();
         let pending_records = self.scheduler.len();
@@ -924,6 +943,9 @@ impl<S: RecordSink> Pipeline<S> {
             s.counters.events += events;
             if event_time.is_some() {
                 s.last_event_time = event_time;
+            }
+            if read_time.is_some() {
+                s.last_read_event_time = read_time;
             }
             s.caught_up = caught_up;
             s.flow.send_limit = limit;

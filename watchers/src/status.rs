@@ -68,8 +68,23 @@ pub struct Status {
     pub caught_up: bool,
     /// When the checkpoint was last written.
     pub last_checkpoint_at: Option<DateTime>,
+    /// Cluster time (as wall time) of the newest event read from the change stream.
+    pub last_read_event_time: Option<DateTime>,
+    /// What this process last wrote as the checkpoint.
+    pub checkpoint: Option<StoredPosition>,
+    /// The last error the watcher showed (`backing_off`, `failed`, ...), with when.
+    pub last_error: Option<(DateTime, String)>,
     pub counters: Counters,
     pub flow: Flow,
+}
+
+/// A checkpoint as written: where a restart resumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPosition {
+    /// The resume token as relaxed Extended JSON text (opaque).
+    pub token: Option<String>,
+    /// Cluster time (as wall time) of the newest event at or before it.
+    pub cluster_time: Option<DateTime>,
 }
 
 /// How the watcher is sending: its adaptive limit and what it holds.
@@ -111,11 +126,34 @@ impl Status {
         }
     }
 
+    /// Wall clock minus the cluster time of the newest event read; 0 when caught up or before
+    /// the first event, so a quiet collection reads 0, not a growing number.
+    pub fn read_lag_seconds(&self, now: DateTime) -> f64 {
+        match self.last_read_event_time {
+            Some(t) if !self.caught_up => since(now, t),
+            _ => 0.0,
+        }
+    }
+
+    /// Wall clock minus the cluster time of the stored checkpoint: how much a restart would
+    /// replay. 0 when caught up (the next checkpoint, within one `checkpoint_interval`, then
+    /// holds everything read) or before the first checkpoint with a time.
+    pub fn committed_lag_seconds(&self, now: DateTime) -> f64 {
+        match self.checkpoint.as_ref().and_then(|c| c.cluster_time) {
+            Some(t) if !self.caught_up => since(now, t),
+            _ => 0.0,
+        }
+    }
+
     /// Seconds since the last checkpoint write, if any.
     pub fn checkpoint_age_seconds(&self, now: DateTime) -> Option<f64> {
         self.last_checkpoint_at
             .map(|t| ((now.timestamp_millis() - t.timestamp_millis()).max(0) as f64) / 1000.0)
     }
+}
+
+fn since(now: DateTime, t: DateTime) -> f64 {
+    ((now.timestamp_millis() - t.timestamp_millis()).max(0) as f64) / 1000.0
 }
 
 /// The writing side, owned by the watcher's task.
@@ -128,8 +166,20 @@ impl StatusTx {
         (Self(tx), rx)
     }
 
+    /// Moves to `state`. A reason given with a state that is not `running`, `starting`,
+    /// `paused` or `stopped` is also kept as the last error, with the time.
     pub fn set(&self, state: State, reason: Option<String>) {
         self.0.send_modify(|s| {
+            let is_error = !matches!(
+                state,
+                State::Running | State::Starting | State::Paused | State::Stopped
+            );
+            if let (true, Some(r)) = (is_error, &reason) {
+                let repeated = s.last_error.as_ref().is_some_and(|(_, last)| last == r);
+                if !repeated {
+                    s.last_error = Some((DateTime::now(), r.clone()));
+                }
+            }
             s.state = state;
             s.reason = reason;
         });
@@ -146,5 +196,61 @@ impl StatusTx {
 
     pub fn get(&self) -> Status {
         self.0.borrow().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> DateTime {
+        DateTime::from_millis(secs * 1000)
+    }
+
+    #[test]
+    fn lags_count_from_the_newest_read_and_the_checkpoint_and_are_0_when_caught_up() {
+        let mut s = Status {
+            last_read_event_time: Some(at(100)),
+            checkpoint: Some(StoredPosition {
+                token: None,
+                cluster_time: Some(at(90)),
+            }),
+            ..Status::default()
+        };
+        assert_eq!(s.read_lag_seconds(at(103)), 3.0);
+        assert_eq!(s.committed_lag_seconds(at(103)), 13.0);
+        s.caught_up = true;
+        assert_eq!(
+            s.read_lag_seconds(at(1000)),
+            0.0,
+            "a quiet collection reads 0"
+        );
+        assert_eq!(s.committed_lag_seconds(at(1000)), 0.0);
+    }
+
+    #[test]
+    fn errors_are_kept_with_their_time_and_running_keeps_the_last_one() {
+        let (tx, rx) = StatusTx::channel();
+        tx.set(State::BackingOff, Some("kinesis down".into()));
+        let first = rx.borrow().last_error.clone().expect("kept");
+        assert_eq!(first.1, "kinesis down");
+        tx.set(State::BackingOff, Some("kinesis down".into()));
+        assert_eq!(
+            rx.borrow().last_error,
+            Some(first.clone()),
+            "same error, first time kept"
+        );
+        tx.set(State::Running, None);
+        assert_eq!(rx.borrow().last_error, Some(first), "history, not state");
+        tx.set(State::Paused, Some("operator".into()));
+        assert_eq!(
+            rx.borrow().last_error.as_ref().map(|e| e.1.as_str()),
+            Some("kinesis down")
+        );
+        tx.set(State::Failed, Some("conflict".into()));
+        assert_eq!(
+            rx.borrow().last_error.as_ref().map(|e| e.1.as_str()),
+            Some("conflict")
+        );
     }
 }
