@@ -433,7 +433,7 @@ fn describe(target: &RewindTarget) -> String {
     match target {
         RewindTarget::Latest => "latest".into(),
         RewindTarget::Time(t) => t.try_to_rfc3339_string().unwrap_or_default(),
-        RewindTarget::Token(t) => t.clone().into_relaxed_extjson().to_string(),
+        RewindTarget::Token(t) => watchers::record::to_text(t),
     }
 }
 
@@ -467,7 +467,7 @@ async fn probe(
                     return Err(ControlError::Conflict(format!(
                         "rewind target {} is older than the oplog window (oldest entry at {})",
                         t.try_to_rfc3339_string().unwrap_or_default(),
-                        bson::DateTime::from_millis(i64::from(oldest.time) * 1000)
+                        watchers::status::wall_time(oldest)
                             .try_to_rfc3339_string()
                             .unwrap_or_default()
                     )));

@@ -516,7 +516,7 @@ impl Checkpointer {
             token = %checkpoint
                 .token
                 .as_ref()
-                .map(|t| t.clone().into_relaxed_extjson().to_string())
+                .map(crate::record::to_text)
                 .unwrap_or_default(),
             "checkpoint written"
         );

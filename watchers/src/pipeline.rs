@@ -29,7 +29,7 @@ use crate::reader::{self, Decoded, ReaderMsg, StartPosition, Undecodable};
 use crate::record::{self, MAX_RECORD_BYTES};
 use crate::retry::Backoff;
 use crate::spec::{OnOversized, OnUndeliverable, StartAt, WatcherSpec};
-use crate::status::{State, StatusTx, StoredPosition};
+use crate::status::{wall_time, State, StatusTx, StoredPosition};
 
 /// How long a stopping watcher keeps sending what it has read before it gives up (the rest is
 /// read again after a restart: nothing past the frontier was checkpointed).
@@ -231,10 +231,7 @@ pub async fn run(
 fn record_checkpoint(status: &StatusTx, metrics: &WatcherMetrics, cp: &Checkpointer) {
     metrics.checkpoint_writes.inc();
     let stored = cp.stored().map(|c| StoredPosition {
-        token: c
-            .token
-            .as_ref()
-            .map(|t| t.clone().into_relaxed_extjson().to_string()),
+        token: c.token.as_ref().map(record::to_text),
         cluster_time: c.cluster_time.map(wall_time),
     });
     status.update(|s| {
@@ -244,11 +241,6 @@ fn record_checkpoint(status: &StatusTx, metrics: &WatcherMetrics, cp: &Checkpoin
             s.checkpoint = stored;
         }
     });
-}
-
-/// A cluster time as wall time (its seconds).
-fn wall_time(ts: bson::Timestamp) -> bson::DateTime {
-    bson::DateTime::from_millis(i64::from(ts.time) * 1000)
 }
 
 /// Answers a command that the pipeline cannot carry out itself.
@@ -583,7 +575,7 @@ impl<S: RecordSink> Pipeline<S> {
             seq,
             document_key = %event
                 .get("documentKey")
-                .map(|k| k.clone().into_relaxed_extjson().to_string())
+                .map(record::to_text)
                 .unwrap_or_default(),
             "event read"
         );
@@ -657,7 +649,7 @@ impl<S: RecordSink> Pipeline<S> {
                 tracing::trace!(
                     token = %token
                         .as_ref()
-                        .map(|t| t.clone().into_relaxed_extjson().to_string())
+                        .map(record::to_text)
                         .unwrap_or_default(),
                     "idle"
                 );
@@ -683,10 +675,10 @@ impl<S: RecordSink> Pipeline<S> {
 
     fn on_repaired(&self, event: &Document) {
         warn!(
-            token = %event.get("_id").map(|t| t.clone().into_relaxed_extjson().to_string()).unwrap_or_default(),
+            token = %event.get("_id").map(record::to_text).unwrap_or_default(),
             document_key = %event
                 .get("documentKey")
-                .map(|k| k.clone().into_relaxed_extjson().to_string())
+                .map(record::to_text)
                 .unwrap_or_default(),
             "change event holds invalid UTF-8; delivered with U+FFFD in place of each invalid sequence"
         );
@@ -700,7 +692,7 @@ impl<S: RecordSink> Pipeline<S> {
         let token_text = u
             .token
             .as_ref()
-            .map(|t| t.clone().into_relaxed_extjson().to_string())
+            .map(record::to_text)
             .unwrap_or_else(|| "(unreadable)".to_owned());
         match (self.spec.on_undeliverable, u.token) {
             (OnUndeliverable::Skip, Some(token)) => {
@@ -734,7 +726,7 @@ impl<S: RecordSink> Pipeline<S> {
         operation: &str,
     ) {
         let document_key = document_key
-            .map(|k| k.clone().into_relaxed_extjson().to_string())
+            .map(record::to_text)
             .unwrap_or_else(|| "(none)".into());
         match self.spec.on_oversized {
             OnOversized::Skip => {

@@ -77,6 +77,11 @@ impl std::fmt::Display for FieldPath {
     }
 }
 
+/// A BSON value as relaxed Extended JSON text, for keys, logs and messages.
+pub fn to_text(value: &Bson) -> String {
+    value.clone().into_relaxed_extjson().to_string()
+}
+
 /// The partition key for an event: the value at `path` rendered as a string. ObjectIds give
 /// their 24 hex characters, strings themselves, anything else its relaxed Extended JSON.
 /// Keys over 256 bytes become the hex SHA-256 of the rendering, which is stable across
@@ -86,7 +91,7 @@ pub fn partition_key(event: &Document, path: &FieldPath) -> String {
     let rendered = match path.lookup(event) {
         Some(Bson::ObjectId(oid)) => oid.to_hex(),
         Some(Bson::String(s)) if !s.is_empty() => s.clone(),
-        Some(other) => other.clone().into_relaxed_extjson().to_string(),
+        Some(other) => to_text(other),
         None => namespace(event).unwrap_or_else(|| "(no-key)".to_owned()),
     };
     if rendered.len() > MAX_PARTITION_KEY_BYTES {

@@ -152,6 +152,11 @@ impl Status {
     }
 }
 
+/// A cluster time as wall time (its seconds).
+pub fn wall_time(ts: bson::Timestamp) -> DateTime {
+    DateTime::from_millis(i64::from(ts.time) * 1000)
+}
+
 fn since(now: DateTime, t: DateTime) -> f64 {
     ((now.timestamp_millis() - t.timestamp_millis()).max(0) as f64) / 1000.0
 }
