@@ -461,9 +461,11 @@ async fn probe(
                 increment: 0,
             };
             // MongoDB answers 286 for a time before the oplog; some servers silently start at
-            // the oldest entry instead, so compare with the oldest entry ourselves.
+            // the oldest entry instead, so compare with the oldest entry ourselves. By whole
+            // seconds: the target is truncated to `{second, 0}`, so a time inside the oldest
+            // entry's second (after it, possibly) would otherwise compare as older.
             if let Some(oldest) = oldest_oplog_time(client).await {
-                if ts < oldest {
+                if ts.time < oldest.time {
                     return Err(ControlError::Conflict(format!(
                         "rewind target {} is older than the oplog window (oldest entry at {})",
                         t.try_to_rfc3339_string().unwrap_or_default(),
