@@ -10,10 +10,9 @@
 # MONGO_WATCHER_CONFIG is deliberately not set here: without a config file the binary runs in
 # drop-in mode (the old tool's environment, see README). Helm and Terraform set it.
 #
-# No HEALTHCHECK: distroless has no shell or curl, and the binary has no probe subcommand.
-# Health is checked from outside on GET /healthz (Kubernetes liveness probe, ALB target group)
-# and GET /readyz (Kubernetes readiness). Hence the checkov skip below.
-#checkov:skip=CKV_DOCKER_2:No shell/curl in distroless; Kubernetes probes and the ALB target group check GET /healthz from outside
+# HEALTHCHECK: distroless has no shell or curl, so the binary probes itself
+# (`mongo-watcher healthcheck`: GET http://127.0.0.1:8080/healthz, exit 0 on 200). With another
+# http.listen port, override it (`docker run --health-cmd`, or `healthcheck --url ...`).
 
 ARG RUST_VERSION=1.95
 
@@ -49,6 +48,10 @@ COPY --from=builder /usr/local/bin/mongo-watcher /usr/local/bin/mongo-watcher
 USER 65532:65532
 # Control plane: /healthz, /readyz, /metrics, /watchers (http.listen, default 0.0.0.0:8080).
 EXPOSE 8080
+# Liveness only (/healthz does not touch MongoDB or AWS); the start period covers reading SSM
+# secrets before the control plane listens.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["/usr/local/bin/mongo-watcher", "healthcheck"]
 # The binary handles SIGTERM itself: it drains within 20 s and exits 0 (give it 30 s).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/mongo-watcher"]

@@ -230,6 +230,17 @@ impl Tail {
         }
     }
 
+    /// The user records, with aggregated records (`aggregation: kpl`) unpacked.
+    fn users(&self) -> Vec<serde_json::Value> {
+        self.records
+            .iter()
+            .flat_map(|r| {
+                watchers::aggregate::deaggregate(r.data().as_ref()).expect("a valid aggregate")
+            })
+            .map(|d| serde_json::from_slice(&d).expect("user record is JSON"))
+            .collect()
+    }
+
     fn json(&self) -> Vec<serde_json::Value> {
         self.records
             .iter()
@@ -324,6 +335,18 @@ async fn watch(
     stream: &str,
     aws_endpoint: &str,
 ) -> (Watcher, u16, tempfile::TempDir) {
+    watch_with(e, name, coll, stream, aws_endpoint, "").await
+}
+
+/// [`watch`] with `extra` watcher fields (YAML lines indented by four spaces).
+async fn watch_with(
+    e: &Env,
+    name: &str,
+    coll: &str,
+    stream: &str,
+    aws_endpoint: &str,
+    extra: &str,
+) -> (Watcher, u16, tempfile::TempDir) {
     let table = unique("bench-cps");
     e.aws.create_checkpoint_table(&table).await;
     let port = free_port();
@@ -331,7 +354,7 @@ async fn watch(
         &e.mongo,
         &table,
         port,
-        &[watcher_yaml(name, "bench", coll, stream, "")],
+        &[watcher_yaml(name, "bench", coll, stream, extra)],
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let w = start_watcher(dir.path(), &cfg, aws_endpoint);

@@ -13,8 +13,9 @@ use serde_yaml_ng::{Mapping, Value};
 use watchers::checkpoint::Layout;
 use watchers::record::{FieldPath, RecordFormat};
 use watchers::spec::{
-    BatchSettings, FullDocument, OnHistoryLost, OnInvalidate, OnOversized, OnUndeliverable,
-    StartAt, WatcherSpec,
+    Aggregation, BatchSettings, FullDocument, FullDocumentBeforeChange, OnHistoryLost,
+    OnInvalidate, OnOversized, OnUndeliverable, S3Target, Snapshot, SplitLargeEvents, StartAt,
+    WatcherSpec,
 };
 
 /// Settings of the whole process.
@@ -22,12 +23,29 @@ use watchers::spec::{
 pub struct Config {
     pub mongodb: MongoConfig,
     pub checkpoints: Option<CheckpointConfig>,
+    /// Several replicas of one config: each watcher owned by one of them at a time.
+    pub leases: Option<LeaseConfig>,
     pub http: HttpConfig,
     pub limits: Limits,
     pub watchers: Vec<WatcherSpec>,
 }
 
 /// Process-wide bounds, shared by every watcher.
+/// `leases: {table, ttl}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseConfig {
+    pub table: String,
+    /// How long a lease outlives its last heartbeat (as observed by the other replicas).
+    pub ttl: Duration,
+}
+
+/// Default of `leases.ttl`.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
+/// `_id` ranges a copy reads side by side unless `snapshot_parallelism` says otherwise.
+pub const DEFAULT_SNAPSHOT_PARALLELISM: usize = 1;
+/// The most `snapshot_parallelism` may ask for (each range holds a MongoDB cursor).
+pub const MAX_SNAPSHOT_PARALLELISM: usize = 16;
+
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Bytes of events read and not yet acknowledged, summed over all watchers.
@@ -141,6 +159,24 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
             layout: Layout::Native,
         })
     });
+    let leases = top.section("leases").and_then(|mut s| {
+        let table = s.require::<String>("table");
+        let ttl = s.duration("ttl");
+        if ttl.is_some_and(|t| t < Duration::from_secs(3)) {
+            s.problem("ttl", "must be at least 3s (heartbeats go every ttl / 3)");
+        }
+        s.finish();
+        table.map(|table| LeaseConfig {
+            table,
+            ttl: ttl.unwrap_or(DEFAULT_LEASE_TTL),
+        })
+    });
+    if leases.is_some() && checkpoints.is_none() {
+        top.problem(
+            "leases",
+            "needs `checkpoints.table`: a watcher moves between replicas through its checkpoint",
+        );
+    }
     let http = match top.section("http") {
         Some(mut s) => {
             let listen = s.take::<String>("listen").and_then(|l| match l.parse() {
@@ -225,6 +261,7 @@ pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config,
     Ok(Config {
         mongodb: mongodb.expect("checked above"),
         checkpoints,
+        leases,
         http,
         limits,
         watchers,
@@ -311,6 +348,7 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
             password_ssm_parameter: None,
         },
         checkpoints,
+        leases: None,
         http: HttpConfig {
             listen,
             api_token_ssm_parameter: None,
@@ -324,17 +362,54 @@ pub fn from_legacy_env(env: &dyn Fn(&str) -> Option<String>) -> Result<Config, C
             stream,
             partition_key: FieldPath::parse("documentKey._id").unwrap_or_else(|| unreachable!()),
             full_document: FullDocument::UpdateLookup,
+            full_document_before_change: FullDocumentBeforeChange::Off,
             pipeline: Vec::new(),
             start_at: StartAt::Latest,
             on_history_lost: OnHistoryLost::Fail,
             on_invalidate: OnInvalidate::Stop,
             on_oversized: OnOversized::Fail,
+            s3: None,
+            aggregation: Aggregation::None,
+            split_large_events: SplitLargeEvents::Auto,
+            snapshot: Snapshot::Never,
+            snapshot_parallelism: DEFAULT_SNAPSHOT_PARALLELISM,
             on_undeliverable: OnUndeliverable::Fail,
             record_format: RecordFormat::Legacy,
             batch,
             checkpoint_interval: Duration::from_secs(1),
         }],
     })
+}
+
+/// What a valid config may still get wrong, in words for an operator (`check-config` prints
+/// them, `run` logs them): a partition key that not every event of a document carries.
+pub fn warnings(cfg: &Config) -> Vec<String> {
+    cfg.watchers
+        .iter()
+        .filter(|w| !w.partition_key.in_document_key())
+        .filter(|w| {
+            // A key in fullDocument is read from the pre-image where there is no document,
+            // and `required` makes every delete carry one.
+            !(w.partition_key.pre_image().is_some()
+                && w.full_document_before_change == FullDocumentBeforeChange::Required)
+        })
+        .map(|w| {
+            format!(
+                "watcher `{}`: partition_key `{}` is not in documentKey: a delete has no \
+                 fullDocument (nor has an update looked up after its document was deleted), so \
+                 such events are keyed by the namespace and can overtake the document's \
+                 earlier events; key by documentKey (the default, documentKey._id){}",
+                w.name,
+                w.partition_key,
+                if w.partition_key.pre_image().is_some() {
+                    ", or set full_document_before_change: required (with pre-images enabled \
+                     on the collection) so that those events are keyed by the pre-image"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect()
 }
 
 /// `64MiB`, `64 MiB`, `1.5GiB`, `500KB`, `1024`.
@@ -745,11 +820,17 @@ struct PartialWatcher {
     stream: Option<String>,
     partition_key: Option<FieldPath>,
     full_document: Option<FullDocument>,
+    full_document_before_change: Option<FullDocumentBeforeChange>,
     pipeline: Option<Vec<Document>>,
     start_at: Option<StartAt>,
     on_history_lost: Option<OnHistoryLost>,
     on_invalidate: Option<OnInvalidate>,
     on_oversized: Option<OnOversized>,
+    s3: Option<S3Target>,
+    aggregation: Option<Aggregation>,
+    split_large_events: Option<SplitLargeEvents>,
+    snapshot: Option<Snapshot>,
+    snapshot_parallelism: Option<usize>,
     on_undeliverable: Option<OnUndeliverable>,
     record_format: Option<RecordFormat>,
     checkpoint_interval: Option<Duration>,
@@ -830,13 +911,28 @@ impl PartialWatcher {
         }
         let max_batch_bytes: Option<usize> = s.take("max_batch_bytes");
         if let Some(n) = max_batch_bytes {
-            if n == 0 || n > watchers::batch::MAX_BATCH_BYTES {
+            if n == 0 || n > watchers::stream_limits::MAX_REQUEST_BYTES {
                 s.problem(
                     "max_batch_bytes",
-                    format!("must be 1 to {}", watchers::batch::MAX_BATCH_BYTES),
+                    format!(
+                        "must be 1 to {}",
+                        watchers::stream_limits::MAX_REQUEST_BYTES
+                    ),
                 );
             }
         }
+        let s3 = s.section("s3").and_then(|mut sub| {
+            let bucket: Option<String> = sub.require("bucket");
+            let prefix: Option<String> = sub.take("prefix");
+            if bucket.as_deref() == Some("") {
+                sub.problem("bucket", "must not be empty");
+            }
+            sub.finish();
+            Some(S3Target {
+                bucket: bucket.filter(|b| !b.is_empty())?,
+                prefix: prefix.unwrap_or_default(),
+            })
+        });
         let p = PartialWatcher {
             name,
             database: s.take("database"),
@@ -850,6 +946,14 @@ impl PartialWatcher {
                     ("updateLookup", FullDocument::UpdateLookup),
                     ("whenAvailable", FullDocument::WhenAvailable),
                     ("required", FullDocument::Required),
+                ],
+            ),
+            full_document_before_change: s.choice(
+                "full_document_before_change",
+                &[
+                    ("off", FullDocumentBeforeChange::Off),
+                    ("whenAvailable", FullDocumentBeforeChange::WhenAvailable),
+                    ("required", FullDocumentBeforeChange::Required),
                 ],
             ),
             pipeline,
@@ -870,8 +974,30 @@ impl PartialWatcher {
             ),
             on_oversized: s.choice(
                 "on_oversized",
-                &[("fail", OnOversized::Fail), ("skip", OnOversized::Skip)],
+                &[
+                    ("fail", OnOversized::Fail),
+                    ("skip", OnOversized::Skip),
+                    ("s3", OnOversized::S3),
+                ],
             ),
+            s3,
+            aggregation: s.choice(
+                "aggregation",
+                &[("none", Aggregation::None), ("kpl", Aggregation::Kpl)],
+            ),
+            split_large_events: s.choice(
+                "split_large_events",
+                &[
+                    ("auto", SplitLargeEvents::Auto),
+                    ("on", SplitLargeEvents::On),
+                    ("off", SplitLargeEvents::Off),
+                ],
+            ),
+            snapshot: s.choice(
+                "snapshot",
+                &[("never", Snapshot::Never), ("initial", Snapshot::Initial)],
+            ),
+            snapshot_parallelism: s.take("snapshot_parallelism"),
             on_undeliverable: s.choice(
                 "on_undeliverable",
                 &[
@@ -905,6 +1031,14 @@ impl PartialWatcher {
         if p.max_pending == Some(0) {
             s.problem("max_pending", "must be at least 1");
         }
+        if p.snapshot_parallelism
+            .is_some_and(|n| !(1..=MAX_SNAPSHOT_PARALLELISM).contains(&n))
+        {
+            s.problem(
+                "snapshot_parallelism",
+                format!("must be between 1 and {MAX_SNAPSHOT_PARALLELISM}"),
+            );
+        }
         if p.checkpoint_interval == Some(Duration::ZERO) {
             s.problem("checkpoint_interval", "must be more than 0");
         }
@@ -932,16 +1066,29 @@ impl PartialWatcher {
         missing("database", &database);
         missing("collection", &collection);
         missing("stream", &stream);
+        let on_oversized = self.on_oversized.or(d.on_oversized).unwrap_or_default();
+        let s3 = self.s3.or_else(|| d.s3.clone());
+        if on_oversized == OnOversized::S3 && s3.is_none() {
+            problems.push(format!(
+                "{path}.s3: missing; `on_oversized: s3` needs s3: {{bucket, prefix}} (here or in defaults)"
+            ));
+        }
+        let snapshot = self.snapshot.or(d.snapshot).unwrap_or_default();
+        let start_at = self.start_at.clone().or_else(|| d.start_at.clone());
+        if snapshot == Snapshot::Initial && matches!(start_at, Some(StartAt::Timestamp(_))) {
+            problems.push(format!(
+                "{path}.snapshot: `initial` copies the collection as it is now, and streams from \
+                 the position stored before the copy; a `start_at` timestamp cannot be combined \
+                 with it"
+            ));
+        }
         let defaults = BatchSettings::default();
         let batch = BatchSettings {
             max_records: self
                 .max_batch_records
                 .or(d.max_batch_records)
                 .unwrap_or(defaults.max_records),
-            max_bytes: self
-                .max_batch_bytes
-                .or(d.max_batch_bytes)
-                .unwrap_or(defaults.max_bytes),
+            max_bytes: self.max_batch_bytes.or(d.max_batch_bytes),
             linger: self
                 .batch_linger
                 .or(d.batch_linger)
@@ -982,6 +1129,10 @@ impl PartialWatcher {
                 .or_else(|| d.partition_key.clone())
                 .or_else(|| FieldPath::parse("documentKey._id"))?,
             full_document: self.full_document.or(d.full_document).unwrap_or_default(),
+            full_document_before_change: self
+                .full_document_before_change
+                .or(d.full_document_before_change)
+                .unwrap_or_default(),
             pipeline: self
                 .pipeline
                 .or_else(|| d.pipeline.clone())
@@ -995,7 +1146,18 @@ impl PartialWatcher {
                 .or(d.on_history_lost)
                 .unwrap_or_default(),
             on_invalidate: self.on_invalidate.or(d.on_invalidate).unwrap_or_default(),
-            on_oversized: self.on_oversized.or(d.on_oversized).unwrap_or_default(),
+            on_oversized,
+            s3,
+            aggregation: self.aggregation.or(d.aggregation).unwrap_or_default(),
+            split_large_events: self
+                .split_large_events
+                .or(d.split_large_events)
+                .unwrap_or_default(),
+            snapshot,
+            snapshot_parallelism: self
+                .snapshot_parallelism
+                .or(d.snapshot_parallelism)
+                .unwrap_or(DEFAULT_SNAPSHOT_PARALLELISM),
             on_undeliverable: self
                 .on_undeliverable
                 .or(d.on_undeliverable)
@@ -1064,7 +1226,7 @@ watchers:
   - {name: orders, database: shop, collection: orders, stream: orders-events,
      pipeline: [{$match: {operationType: insert}}], start_at: {timestamp: "2024-01-01T00:00:00Z"}}
   - {name: users, database: shop, collection: users, partition_key: fullDocument.email,
-     full_document: off, max_put_retries: 3}
+     full_document: off, max_put_retries: 3, full_document_before_change: whenAvailable}
 "#;
 
     #[test]
@@ -1076,11 +1238,19 @@ watchers:
         assert_eq!(users.batch.linger, Duration::from_millis(10));
         assert_eq!(users.batch.max_put_retries, Some(3));
         assert_eq!(users.full_document, FullDocument::Off);
+        assert_eq!(
+            users.full_document_before_change,
+            FullDocumentBeforeChange::WhenAvailable
+        );
         assert_eq!(users.partition_key.to_string(), "fullDocument.email");
         assert_eq!(users.start_at, StartAt::Latest);
         let orders = &c.watchers[0];
         assert_eq!(orders.pipeline.len(), 1);
         assert_eq!(orders.full_document, FullDocument::UpdateLookup);
+        assert_eq!(
+            orders.full_document_before_change,
+            FullDocumentBeforeChange::Off
+        );
         assert_eq!(orders.checkpoint_interval, Duration::from_secs(1));
         assert!(matches!(orders.start_at, StartAt::Timestamp(_)));
         assert_eq!(c.checkpoints.unwrap().table, "cps");
@@ -1168,6 +1338,194 @@ extra: 1
             "extra: unknown field",
         ];
         for e in expect {
+            assert!(
+                errs.iter().any(|p| p.starts_with(e)),
+                "missing {e:?} in {errs:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_partition_key_outside_document_key_is_warned_unless_deletes_carry_it() {
+        let text = r#"
+mongodb: {uri: "mongodb://h"}
+defaults: {stream: s, database: d, collection: c}
+watchers:
+  - {name: a}
+  - {name: b, partition_key: documentKey.region}
+  - {name: c, partition_key: fullDocument.email}
+  - {name: d, partition_key: fullDocument.email, full_document_before_change: required}
+  - {name: e, partition_key: fullDocument.email, full_document_before_change: whenAvailable}
+  - {name: f, partition_key: updateDescription.x}
+"#;
+        let w = warnings(&parse(text, &env).unwrap());
+        let named: Vec<&str> = w
+            .iter()
+            .map(|m| m.split('`').nth(1).unwrap_or_default())
+            .collect();
+        assert_eq!(named, ["c", "e", "f"]);
+        assert!(w[0].contains("full_document_before_change: required"));
+        assert!(!w[2].contains("full_document_before_change"));
+    }
+
+    #[test]
+    fn leases_take_a_table_and_a_ttl_and_need_checkpoints() {
+        let text = r#"
+mongodb: {uri: "mongodb://h"}
+checkpoints: {table: cps}
+leases: {table: leases}
+watchers:
+  - {name: a, database: d, collection: c, stream: s}
+"#;
+        let leases = parse(text, &env).unwrap().leases.unwrap();
+        assert_eq!(
+            leases,
+            LeaseConfig {
+                table: "leases".into(),
+                ttl: DEFAULT_LEASE_TTL
+            }
+        );
+        let ttl = text.replace("{table: leases}", "{table: leases, ttl: 30s}");
+        assert_eq!(
+            parse(&ttl, &env).unwrap().leases.unwrap().ttl,
+            Duration::from_secs(30)
+        );
+        let bad = r#"
+mongodb: {uri: "mongodb://h"}
+leases: {ttl: 1s, owner: me}
+watchers:
+  - {name: a, database: d, collection: c, stream: s}
+"#;
+        let errs = parse(bad, &env).unwrap_err().0;
+        for e in [
+            "leases.table: missing",
+            "leases.ttl: must be at least 3s",
+            "leases.owner: unknown field",
+        ] {
+            assert!(
+                errs.iter().any(|p| p.starts_with(e)),
+                "missing {e:?} in {errs:#?}"
+            );
+        }
+        let no_checkpoints = text.replace("checkpoints: {table: cps}\n", "");
+        assert_eq!(
+            parse(&no_checkpoints, &env).unwrap_err().0,
+            ["leases: needs `checkpoints.table`: a watcher moves between replicas through its checkpoint"]
+        );
+    }
+
+    #[test]
+    fn aggregation_split_and_s3_values_defaults_and_errors() {
+        let text = r#"
+mongodb: {uri: "mongodb://h"}
+defaults: {stream: s, aggregation: kpl, s3: {bucket: big, prefix: cdc/}}
+watchers:
+  - {name: a, database: d, collection: c, on_oversized: s3}
+  - {name: b, database: d, collection: c, aggregation: none, split_large_events: off, snapshot: initial, snapshot_parallelism: 2}
+  - {name: c, database: d, collection: c, split_large_events: on, s3: {bucket: other}}
+"#;
+        let config = parse(text, &env).unwrap();
+        let w = &config.watchers;
+        assert_eq!(
+            w.iter().map(|w| w.aggregation).collect::<Vec<_>>(),
+            [Aggregation::Kpl, Aggregation::None, Aggregation::Kpl]
+        );
+        assert_eq!(
+            w.iter().map(|w| w.split_large_events).collect::<Vec<_>>(),
+            [
+                SplitLargeEvents::Auto,
+                SplitLargeEvents::Off,
+                SplitLargeEvents::On
+            ]
+        );
+        assert_eq!(
+            w.iter().map(|w| w.snapshot).collect::<Vec<_>>(),
+            [Snapshot::Never, Snapshot::Initial, Snapshot::Never]
+        );
+        assert_eq!(
+            w.iter().map(|w| w.snapshot_parallelism).collect::<Vec<_>>(),
+            [1, 2, 1]
+        );
+        assert_eq!(w[0].on_oversized, OnOversized::S3);
+        assert_eq!(w[1].on_oversized, OnOversized::Fail);
+        assert_eq!(
+            w[0].s3,
+            Some(S3Target {
+                bucket: "big".into(),
+                prefix: "cdc/".into()
+            })
+        );
+        assert_eq!(
+            w[2].s3,
+            Some(S3Target {
+                bucket: "other".into(),
+                prefix: String::new()
+            })
+        );
+        let bad = r#"
+mongodb: {uri: "mongodb://h"}
+defaults: {aggregation: always, split_large_events: yes, snapshot: always}
+watchers:
+  - {name: a, database: d, collection: c, stream: s, on_oversized: s3}
+  - {name: b, database: d, collection: c, stream: s, s3: {prefix: p, region: x}}
+  - {name: c, database: d, collection: c, stream: s, snapshot: initial, start_at: {timestamp: "2024-01-01T00:00:00Z"}}
+  - {name: e, database: d, collection: c, stream: s, snapshot_parallelism: 0}
+  - {name: f, database: d, collection: c, stream: s, snapshot_parallelism: 17}
+"#;
+        let errs = parse(bad, &env).unwrap_err().0;
+        for e in [
+            "defaults.aggregation: `always` is not one of none, kpl",
+            "defaults.split_large_events: `yes` is not one of auto, on, off",
+            "defaults.snapshot: `always` is not one of never, initial",
+            "watchers[2].snapshot: `initial` copies the collection as it is now",
+            "watchers[0].s3: missing; `on_oversized: s3` needs",
+            "watchers[1].s3.bucket: missing",
+            "watchers[1].s3.region: unknown field",
+            "watchers[3].snapshot_parallelism: must be between 1 and 16",
+            "watchers[4].snapshot_parallelism: must be between 1 and 16",
+        ] {
+            assert!(
+                errs.iter().any(|p| p.starts_with(e)),
+                "missing {e:?} in {errs:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn full_document_before_change_values_defaults_and_errors() {
+        let text = r#"
+mongodb: {uri: "mongodb://h"}
+defaults: {stream: s, full_document_before_change: required}
+watchers:
+  - {name: a, database: d, collection: c}
+  - {name: b, database: d, collection: c, full_document_before_change: whenAvailable}
+  - {name: c, database: d, collection: c, full_document_before_change: off}
+"#;
+        let got: Vec<_> = parse(text, &env)
+            .unwrap()
+            .watchers
+            .iter()
+            .map(|w| w.full_document_before_change)
+            .collect();
+        assert_eq!(
+            got,
+            [
+                FullDocumentBeforeChange::Required,
+                FullDocumentBeforeChange::WhenAvailable,
+                FullDocumentBeforeChange::Off,
+            ]
+        );
+        let bad = r#"
+mongodb: {uri: "mongodb://h"}
+defaults: {full_document_before_change: always}
+watchers:
+  - {name: a, database: d, collection: c, stream: s, full_document_before_change: updateLookup}
+"#;
+        let errs = parse(bad, &env).unwrap_err().0;
+        for e in [
+            "defaults.full_document_before_change: `always` is not one of off, whenAvailable, required",
+            "watchers[0].full_document_before_change: `updateLookup` is not one of off, whenAvailable, required",
+        ] {
             assert!(
                 errs.iter().any(|p| p.starts_with(e)),
                 "missing {e:?} in {errs:#?}"

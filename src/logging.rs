@@ -8,7 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Quiet the chatty dependencies unless `RUST_LOG` says otherwise.
 const DEPENDENCIES: &str = "aws_config=warn,aws_smithy_runtime=warn,aws_smithy_runtime_api=warn,\
-aws_sdk_kinesis=warn,aws_sdk_dynamodb=warn,aws_sdk_ssm=warn,hyper=warn,hyper_util=warn,h2=warn,\
+aws_sdk_kinesis=warn,aws_sdk_dynamodb=warn,aws_sdk_ssm=warn,aws_sdk_s3=warn,hyper=warn,hyper_util=warn,h2=warn,\
 rustls=warn,mongodb=warn,hickory_proto=warn,hickory_resolver=warn";
 
 pub fn init() {

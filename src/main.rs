@@ -4,7 +4,10 @@
 //! waits for SIGTERM/SIGINT; everything else lives in the `watchers` crate.
 
 mod config;
+mod healthcheck;
+mod leases;
 mod logging;
+mod migrate;
 mod supervisor;
 
 use std::path::PathBuf;
@@ -16,6 +19,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use watchers::checkpoint::CheckpointStore;
+use watchers::error::{aws_refusal, AwsResource, MongoLogin};
 use watchers::retry::Backoff;
 
 use crate::config::{redact_uri, Config};
@@ -52,14 +56,103 @@ enum Command {
         #[arg(long, env = "MONGO_WATCHER_CONFIG")]
         config: PathBuf,
     },
+    /// Probe a running mongo-watcher's GET /healthz: exit 0 on 200, else exit 1 with the reason
+    /// on stderr. For container health checks (the image has no shell or curl).
+    Healthcheck {
+        /// The URL to probe (plain http). Default: from `--config`, else
+        /// http://127.0.0.1:8080/healthz.
+        #[arg(long, conflicts_with = "config")]
+        url: Option<String>,
+        /// Config file whose `http.listen` names the address (0.0.0.0 and :: are probed on
+        /// loopback).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Give up after this long: connect, request and answer together.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Create or update the DynamoDB tables of migrations/ (the config's checkpoints.table
+    /// and leases.table; without a config, both under their default names) and wait until
+    /// they are ACTIVE. Idempotent.
+    #[command(args_conflicts_with_subcommands = true)]
+    Migrate {
+        #[command(subcommand)]
+        action: Option<MigrateAction>,
+        /// Config file (YAML) naming the tables: checkpoints.table and leases.table.
+        #[arg(long, env = "MONGO_WATCHER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to wait for each table to become ACTIVE.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// Copy the old tool's marker (the item `collectionName` = COLLECTION of TABLE) into the
+    /// checkpoint of WATCHER in the config's checkpoints.table. Refuses to replace an existing
+    /// checkpoint without --force.
+    ImportMarker {
+        /// Config file (YAML) with the watcher and its checkpoints.table.
+        #[arg(long, env = "MONGO_WATCHER_CONFIG")]
+        config: PathBuf,
+        /// The old tool's marker table (its DYNAMODB_TABLE_NAME).
+        #[arg(long)]
+        table: String,
+        /// `database.collection` of the marker.
+        #[arg(long)]
+        collection: String,
+        /// The config's watcher of that collection.
+        #[arg(long)]
+        watcher: String,
+        /// Replace the watcher's existing checkpoint.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Healthcheck {
+            url,
+            config,
+            timeout,
+        } => {
+            let url = match (url, config) {
+                (Some(url), _) => url,
+                (None, Some(path)) => match config::load(&path) {
+                    Ok(cfg) => healthcheck::healthz_url(cfg.http.listen),
+                    Err(errors) => {
+                        eprint!("healthcheck: {errors}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                (None, None) => healthcheck::DEFAULT_URL.to_owned(),
+            };
+            match healthcheck::probe(&url, timeout) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(problem) => {
+                    eprintln!("healthcheck: {url}: {problem}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Migrate {
+            action,
+            config,
+            dry_run,
+            timeout,
+        } => run_migrate(action, config, dry_run, timeout),
         Command::CheckConfig { config } => match config::load(&config) {
             Ok(cfg) => {
                 print_config(&cfg);
+                for warning in config::warnings(&cfg) {
+                    eprintln!("warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(errors) => {
@@ -126,11 +219,91 @@ fn main() -> ExitCode {
     }
 }
 
+/// `migrate` and `migrate import-marker`: exit 0 done, 1 failed, 2 invalid configuration.
+fn run_migrate(
+    action: Option<MigrateAction>,
+    config: Option<PathBuf>,
+    dry_run: bool,
+    timeout: Duration,
+) -> ExitCode {
+    let load = |path: &std::path::Path| {
+        config::load(path).map_err(|errors| {
+            eprint!("{errors}");
+            ExitCode::from(2)
+        })
+    };
+    let job = match action {
+        Some(MigrateAction::ImportMarker {
+            config,
+            table,
+            collection,
+            watcher,
+            force,
+        }) => match load(&config) {
+            Ok(cfg) => MigrateJob::Import(
+                cfg,
+                migrate::ImportMarker {
+                    table,
+                    collection,
+                    watcher,
+                    force,
+                },
+            ),
+            Err(code) => return code,
+        },
+        None => match config.as_deref().map(load).transpose() {
+            Ok(cfg) => MigrateJob::Tables(cfg),
+            Err(code) => return code,
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("migrate: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let client = aws_sdk_dynamodb::Client::new(&migrate::aws().await);
+        match job {
+            MigrateJob::Import(cfg, args) => {
+                println!("{}", migrate::import_marker(&client, &cfg, &args).await?);
+                Ok(())
+            }
+            MigrateJob::Tables(cfg) => {
+                let targets = migrate::targets(cfg.as_ref())?;
+                migrate::migrate(&client, &targets, dry_run, timeout).await
+            }
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("migrate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum MigrateJob {
+    Tables(Option<Config>),
+    Import(Config, migrate::ImportMarker),
+}
+
 fn print_config(cfg: &Config) {
     println!("mongodb: {}", redact_uri(&cfg.mongodb.uri));
     match &cfg.checkpoints {
         Some(c) => println!("checkpoints: table {}", c.table),
         None => println!("checkpoints: none (every start is a first start)"),
+    }
+    if let Some(l) = &cfg.leases {
+        println!(
+            "leases: table {}, ttl {:?} (each watcher runs on one replica at a time)",
+            l.table, l.ttl
+        );
     }
     println!(
         "http: {} (max_connections {}, header_read_timeout {:?}, idle_timeout {:?})",
@@ -147,7 +320,7 @@ fn print_config(cfg: &Config) {
     for w in &cfg.watchers {
         println!(
             "  {}: {}.{} -> kinesis {} (partition_key {}, full_document {:?}, start_at {:?}, \
-             batch {} records/{} bytes/linger {:?}, max_in_flight {}, max_pending {} records/{} \
+             batch {} records/{}/linger {:?}, max_in_flight {}, max_pending {} records/{} \
              bytes, checkpoint every {:?}, max_put_retries {})",
             w.name,
             w.database,
@@ -157,7 +330,10 @@ fn print_config(cfg: &Config) {
             w.full_document,
             w.start_at,
             w.batch.max_records,
-            w.batch.max_bytes,
+            w.batch.max_bytes.map_or_else(
+                || "stream's call limit".to_owned(),
+                |n| format!("{n} bytes")
+            ),
             w.batch.linger,
             w.batch.max_in_flight,
             w.batch.max_pending,
@@ -167,6 +343,12 @@ fn print_config(cfg: &Config) {
                 .max_put_retries
                 .map_or_else(|| "unlimited".to_owned(), |n| n.to_string()),
         );
+        if let (watchers::spec::OnOversized::S3, Some(s3)) = (w.on_oversized, &w.s3) {
+            println!(
+                "    oversized events -> s3://{}/{}{}/ (pointer records in the stream)",
+                s3.bucket, s3.prefix, w.name
+            );
+        }
     }
 }
 
@@ -175,27 +357,19 @@ async fn run(cfg: Config) -> anyhow::Result<supervisor::Shutdown> {
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
 
-    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .timeout_config(
-            aws_config::timeout::TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .operation_attempt_timeout(Duration::from_secs(30))
-                .build(),
-        )
-        .load()
-        .await;
+    let aws = migrate::aws().await;
     let password = match (&cfg.mongodb.password, &cfg.mongodb.password_ssm_parameter) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(name)) => {
             let ssm = aws_sdk_ssm::Client::new(&aws);
-            match fetch_ssm_secret(&ssm, name, "mongodb.password_ssm_parameter", &shutdown).await {
+            match fetch_ssm_secret(&ssm, name, "mongodb.password_ssm_parameter", &shutdown).await? {
                 Some(p) => Some(p),
                 None => return Ok(supervisor::Shutdown::Clean),
             }
         }
         (None, None) => None,
     };
-    let mongo = mongo_client(&cfg, password, cfg.watchers.len()).await?;
+    let (mongo, mongo_login) = mongo_client(&cfg, password, cfg.watchers.len()).await?;
     let registry = api::registry_with_process_metrics().context("cannot register the metrics")?;
     let metrics =
         watchers::metrics::Metrics::register(&registry).context("cannot register the metrics")?;
@@ -203,7 +377,23 @@ async fn run(cfg: Config) -> anyhow::Result<supervisor::Shutdown> {
         memory: watchers::flow::ByteBudget::new(cfg.limits.max_pending_bytes),
         metrics: metrics.clone(),
         mongo,
+        mongo_login,
         kinesis: aws_sdk_kinesis::Client::new(&aws),
+        stream_limits: watchers::stream_limits::StreamLimitsCache::new(),
+        // Under an endpoint override (`AWS_ENDPOINT_URL`: moto, an S3-compatible store) the
+        // bucket goes in the path, as a virtual-hosted bucket name would need DNS there; AWS
+        // itself keeps its default (virtual-hosted) addressing.
+        s3: cfg
+            .watchers
+            .iter()
+            .any(|w| w.on_oversized == watchers::spec::OnOversized::S3)
+            .then(|| {
+                aws_sdk_s3::Client::from_conf(
+                    aws_sdk_s3::config::Builder::from(&aws)
+                        .force_path_style(aws.endpoint_url().is_some())
+                        .build(),
+                )
+            }),
         checkpoints: cfg.checkpoints.as_ref().map(|c| {
             CheckpointStore::with_layout(
                 aws_sdk_dynamodb::Client::new(&aws),
@@ -224,7 +414,7 @@ async fn run(cfg: Config) -> anyhow::Result<supervisor::Shutdown> {
         (Some(token), _) => Some(token),
         (None, Some(name)) => {
             let ssm = aws_sdk_ssm::Client::new(&aws);
-            match fetch_ssm_secret(&ssm, name, "http.api_token_ssm_parameter", &shutdown).await {
+            match fetch_ssm_secret(&ssm, name, "http.api_token_ssm_parameter", &shutdown).await? {
                 Some(token) => Some(token),
                 None => return Ok(supervisor::Shutdown::Clean),
             }
@@ -232,7 +422,7 @@ async fn run(cfg: Config) -> anyhow::Result<supervisor::Shutdown> {
         (None, None) => {
             warn!(
                 "no API token (MONGO_WATCHER_API_TOKEN or http.api_token_ssm_parameter): \
-                 pause, resume and rewind are disabled"
+                 pause, resume, rewind and snapshot are disabled"
             );
             None
         }
@@ -241,8 +431,27 @@ async fn run(cfg: Config) -> anyhow::Result<supervisor::Shutdown> {
         .await
         .with_context(|| format!("http.listen: cannot listen on {}", cfg.http.listen))?;
 
+    for warning in config::warnings(&cfg) {
+        warn!("{warning}");
+    }
     info!(watchers = cfg.watchers.len(), "starting");
-    let supervisor = supervisor::Supervisor::start(cfg.watchers, deps, &shutdown);
+    let (leases, links) = match &cfg.leases {
+        Some(l) => {
+            let store = watchers::lease::LeaseStore::new(
+                aws_sdk_dynamodb::Client::new(&aws),
+                l.table.clone(),
+            );
+            if let Err(e) = store.verify_table().await {
+                anyhow::bail!("leases.table: {e}");
+            }
+            let names: Vec<String> = cfg.watchers.iter().map(|w| w.name.clone()).collect();
+            let (running, links, replica) = leases::start(store, l.ttl, &names, &shutdown);
+            info!(%replica, table = %l.table, ttl = ?l.ttl, "leases on: each watcher runs on one replica at a time");
+            (Some(running), links)
+        }
+        None => (None, std::collections::HashMap::new()),
+    };
+    let supervisor = supervisor::Supervisor::start(cfg.watchers, deps, &shutdown, links);
     let liveness = api::Liveness::new();
     tokio::spawn(supervisor::heartbeat(liveness.clone()));
     let state = api::AppState::new(supervisor.handles().to_vec(), registry, metrics, liveness)
@@ -263,6 +472,17 @@ async fn run(cfg: Config) -> anyhow::Result<supervisor::Shutdown> {
     let outcome = supervisor.wait(SHUTDOWN_DEADLINE).await;
     if outcome == supervisor::Shutdown::Clean {
         info!("all watchers stopped");
+    }
+    if let Some(leases) = leases {
+        // After the final checkpoints: released leases are taken by the other replicas at
+        // their next tick, without waiting out the ttl.
+        leases.stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), leases.task)
+            .await
+            .is_err()
+        {
+            warn!("leases were not all released within 5 s; they expire after their ttl");
+        }
     }
     http_shutdown.cancel();
     match tokio::time::timeout(Duration::from_secs(2), http).await {
@@ -299,7 +519,7 @@ async fn mongo_client(
     cfg: &Config,
     password: Option<String>,
     watchers: usize,
-) -> anyhow::Result<mongodb::Client> {
+) -> anyhow::Result<(mongodb::Client, MongoLogin)> {
     // The whole URI first, then its password and secret options one by one, in case the
     // driver quotes a piece of it.
     let mut secrets: Vec<String> = vec![cfg.mongodb.uri.clone()];
@@ -331,23 +551,41 @@ async fn mongo_client(
         options.credential = Some(credential);
     }
     options.app_name = Some("mongo-watcher".into());
+    let login = MongoLogin {
+        user: options.credential.as_ref().and_then(|c| c.username.clone()),
+        hosts: options
+            .hosts
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    };
     // Each open change stream holds a connection while its getMore waits; a pool smaller than
     // the watcher count makes streams queue for connections. benches/ measures the start-up
     // of 1, 10 and 40 watchers with this sizing.
     options.max_pool_size = Some((watchers as u32).saturating_add(8).max(10));
-    mongodb::Client::with_options(options)
+    let client = mongodb::Client::with_options(options)
         .map_err(|e| anyhow::anyhow!(redact(e.to_string())))
-        .context("cannot build the MongoDB client")
+        .context("cannot build the MongoDB client")?;
+    Ok((client, login))
 }
 
-/// Reads a secret from SSM with decryption, retrying until it works or shutdown. Errors name
-/// the parameter and the setting it comes from, never the value.
+/// Reads a secret from SSM with decryption. Errors name the parameter and the setting it comes
+/// from, never the value.
+///
+/// The watchers cannot start without their secrets, and nothing else runs yet (not even the
+/// HTTP API). So a refusal only a fix from outside can end (the parameter does not exist or has
+/// no value, access is denied, its KMS key is unusable) is returned as an error and the process
+/// exits 1, naming the parameter and what to do, as ECS fails a task whose own `secrets` cannot
+/// be read: the orchestrator restarts it with its backoff, and the first start after the fix
+/// runs. Transient failures (throttling, the network, 5xx; the SDK's own retries spent) are
+/// retried here with a capped backoff; `None` at shutdown.
 async fn fetch_ssm_secret(
     ssm: &aws_sdk_ssm::Client,
     name: &str,
     setting: &str,
     shutdown: &CancellationToken,
-) -> Option<String> {
+) -> anyhow::Result<Option<String>> {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         let result = ssm
@@ -356,31 +594,68 @@ async fn fetch_ssm_secret(
             .with_decryption(true)
             .send()
             .await;
-        let problem = match result {
+        let failure = match result {
             Ok(out) => match out.parameter().and_then(|p| p.value()) {
-                Some(v) => return Some(v.to_owned()),
-                None => format!("SSM parameter `{name}` has no value"),
+                Some(v) => return Ok(Some(v.to_owned())),
+                None => ssm_failure(name, setting, Some("NoValue"), None),
             },
             Err(e) => {
                 use aws_sdk_ssm::error::ProvideErrorMetadata;
-                match e.code() {
-                    Some("ParameterNotFound") => {
-                        format!("SSM parameter `{name}` ({setting}) does not exist")
-                    }
-                    Some(code) => format!("SSM parameter `{name}`: {code}"),
-                    None => format!(
-                        "SSM parameter `{name}`: {}",
-                        aws_sdk_ssm::error::DisplayErrorContext(&e)
-                    ),
-                }
+                let detail = aws_sdk_ssm::error::DisplayErrorContext(&e).to_string();
+                ssm_failure(
+                    name,
+                    setting,
+                    e.code(),
+                    Some(e.message().unwrap_or(&detail)),
+                )
             }
+        };
+        let problem = match failure {
+            SsmFailure::Refused(problem) => {
+                anyhow::bail!("{problem}; mongo-watcher cannot start without it (exit 1)")
+            }
+            SsmFailure::Transient(problem) => problem,
         };
         let delay = backoff.next_delay();
         error!(error = %problem, retry_in = ?delay, setting, "cannot read a secret from SSM");
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// What a failed SSM read means, in words naming the parameter and what to do.
+#[derive(Debug, PartialEq, Eq)]
+enum SsmFailure {
+    /// Only a fix from outside ends it: the process exits.
+    Refused(String),
+    /// May pass by itself: retried with backoff.
+    Transient(String),
+}
+
+/// Classifies a failed `GetParameter` of `name` by its AWS error `code` (`NoValue`: answered
+/// without a value).
+fn ssm_failure(name: &str, setting: &str, code: Option<&str>, message: Option<&str>) -> SsmFailure {
+    let parameter = AwsResource::SsmParameter(name.to_owned());
+    if let Some(refusal) = aws_refusal(parameter, "GetParameter", code, message) {
+        return SsmFailure::Refused(format!("{setting}: {refusal}"));
+    }
+    let said = message.map(|m| format!(": {m}")).unwrap_or_default();
+    match code {
+        Some("ParameterNotFound" | "ParameterVersionNotFound") => SsmFailure::Refused(format!(
+            "{setting}: SSM parameter `{name}` does not exist in this account and region; create \
+             it (SecureString) or correct {setting}"
+        )),
+        Some("NoValue") => SsmFailure::Refused(format!(
+            "{setting}: SSM parameter `{name}` has no value; give it one"
+        )),
+        Some("InvalidKeyId") => SsmFailure::Refused(format!(
+            "{setting}: the KMS key of SSM parameter `{name}` cannot be used{said}; grant \
+             `kms:Decrypt` on it to the task role, or re-encrypt the parameter with a usable key"
+        )),
+        Some(code) => SsmFailure::Transient(format!("SSM parameter `{name}`: {code}{said}")),
+        None => SsmFailure::Transient(format!("SSM parameter `{name}`{said}")),
     }
 }
 
@@ -398,4 +673,51 @@ async fn wait_for_signal(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => info!(signal = "SIGINT", "shutdown requested"),
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SETTING: &str = "mongodb.password_ssm_parameter";
+
+    fn refused(code: &str) -> String {
+        match ssm_failure("/prod/pw", SETTING, Some(code), Some("said so")) {
+            SsmFailure::Refused(text) => text,
+            other => panic!("{code}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ssm_refusals_end_the_start_naming_the_parameter_and_what_to_do() {
+        let denied = refused("AccessDeniedException");
+        assert!(
+            denied.starts_with(
+                "mongodb.password_ssm_parameter: access denied: grant `ssm:GetParameter` on SSM \
+                 parameter `/prod/pw` to the task role"
+            ),
+            "{denied}"
+        );
+        let missing = refused("ParameterNotFound");
+        assert!(
+            missing.contains("SSM parameter `/prod/pw` does not exist")
+                && missing.contains("create it"),
+            "{missing}"
+        );
+        assert!(refused("NoValue").contains("has no value"));
+        assert!(refused("InvalidKeyId").contains("kms:Decrypt"));
+        for code in [
+            Some("ThrottlingException"),
+            Some("InternalServerError"),
+            None,
+        ] {
+            assert!(
+                matches!(
+                    ssm_failure("/prod/pw", SETTING, code, Some("timeout")),
+                    SsmFailure::Transient(ref t) if t.contains("/prod/pw")
+                ),
+                "{code:?} is retried"
+            );
+        }
+    }
 }

@@ -3,23 +3,30 @@
 //! operator commands (pause, resume, rewind), and on shutdown waits for every watcher to reach
 //! a safe point.
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{doc, Document, Timestamp};
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
-use watchers::checkpoint::{Checkpoint, Layout};
+use watchers::checkpoint::Checkpoint;
 use watchers::control::{Command, ControlError, RewindTarget, WatcherHandle};
+use watchers::lease::Fence;
+use watchers::metrics::SupervisionMetrics;
 use watchers::pipeline::{Carry, Exit};
 use watchers::reader::{self, StartPosition};
 use watchers::retry::Backoff;
 use watchers::spec::{OnHistoryLost, OnInvalidate, WatcherSpec};
 use watchers::{Deps, State, StatusTx, WatcherError};
+
+use crate::leases::{Grant, LeaseLink, Released};
 
 /// Restart delays after a retryable failure.
 const RESTART_INITIAL: Duration = Duration::from_secs(1);
@@ -50,16 +57,27 @@ pub enum Shutdown {
 }
 
 impl Supervisor {
-    pub fn start(specs: Vec<WatcherSpec>, deps: Deps, shutdown: &CancellationToken) -> Self {
+    /// Starts a task per watcher. With leases, `links` holds each watcher's end of the lease
+    /// coordinator (`leases.rs`), and a watcher runs only while this replica holds its lease.
+    pub fn start(
+        specs: Vec<WatcherSpec>,
+        deps: Deps,
+        shutdown: &CancellationToken,
+        mut links: std::collections::HashMap<String, LeaseLink>,
+    ) -> Self {
         let tracker = TaskTracker::new();
         let unsent = Arc::new(AtomicUsize::new(0));
         let mut handles = Vec::new();
+        let mut statuses = Vec::new();
         for spec in specs {
             let spec = Arc::new(spec);
             let (status, rx) = StatusTx::channel();
             let (handle, commands) = WatcherHandle::new(spec.clone(), rx);
             handles.push(handle);
+            statuses.push(status.clone());
             let span = info_span!("watcher", watcher = %spec.name);
+            let metrics = deps.metrics.supervision(&spec.name);
+            let lease = links.remove(&spec.name);
             let task = Task {
                 spec,
                 deps: deps.clone(),
@@ -68,8 +86,21 @@ impl Supervisor {
                 commands,
                 carry: Carry::default(),
                 unsent: unsent.clone(),
+                metrics,
+                lease,
+                revoked: None,
+                handed_over: None,
             };
             tracker.spawn(task.supervise().instrument(span));
+        }
+        if !statuses.is_empty() {
+            // One sampler for the deployment: every watcher shares the process's client.
+            let sampler = OplogSampler::new(deps.mongo.clone(), statuses);
+            tracker.spawn(
+                sampler
+                    .run(shutdown.child_token())
+                    .instrument(info_span!("oplog_sampler")),
+            );
         }
         tracker.close();
         Self {
@@ -131,6 +162,30 @@ struct Task {
     commands: mpsc::Receiver<Command>,
     carry: Carry,
     unsent: Arc<AtomicUsize>,
+    metrics: SupervisionMetrics,
+    /// With leases: the coordinator's grants and where to report a release.
+    lease: Option<LeaseLink>,
+    /// Set when the lease was taken away (or is being handed over) during a life.
+    revoked: Option<Grant>,
+    /// The lease this task last reported released, so that it reports it once.
+    handed_over: Option<Fence>,
+}
+
+/// Resolves with the new grant once it is no longer `Owned(fence)`; never without leases.
+async fn revocation(lease: Option<&mut LeaseLink>, fence: Option<Fence>) -> Grant {
+    let (Some(link), Some(fence)) = (lease, fence) else {
+        return std::future::pending().await;
+    };
+    let held = Grant::Owned(fence);
+    loop {
+        let grant = link.grants.borrow_and_update().clone();
+        if grant != held {
+            return grant;
+        }
+        if link.grants.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// What to do after a life or a parked spell.
@@ -152,65 +207,97 @@ impl Task {
                     return;
                 }
                 Next::Park(state, reason) => self.park(state, reason).await,
+                Next::Run if !self.holds_lease() => self.standby().await,
                 Next::Run => {
                     let started = Instant::now();
                     let result = self.life().await;
                     if started.elapsed() > HEALTHY_LIFE {
                         backoff.reset();
                     }
-                    match result {
-                        Ok(Exit::Cancelled { unsent }) => {
-                            self.unsent.fetch_add(unsent, Ordering::AcqRel);
+                    if let Some(grant) = self.revoked.take() {
+                        if self.cancel.is_cancelled() {
                             Next::Stop
+                        } else {
+                            if let Err(e) = &result {
+                                info!(error = %e, "life ended as the lease went");
+                            }
+                            self.on_revoked(grant);
+                            Next::Run
                         }
-                        Ok(Exit::StoredPaused) => {
-                            info!("the checkpoint says paused; staying paused");
-                            Next::Park(State::Paused, None)
+                    } else {
+                        match result {
+                            Ok(Exit::Cancelled { unsent }) => {
+                                self.unsent.fetch_add(unsent, Ordering::AcqRel);
+                                Next::Stop
+                            }
+                            Ok(Exit::StoredPaused) => {
+                                info!("the checkpoint says paused; staying paused");
+                                Next::Park(State::Paused, None)
+                            }
+                            Ok(Exit::Command(cmd)) => self.after_command(cmd).await,
+                            Err(_) if self.cancel.is_cancelled() => Next::Stop,
+                            Err(e) => self.after_error(e, &mut backoff).await,
                         }
-                        Ok(Exit::Command(cmd)) => self.after_command(cmd).await,
-                        Err(_) if self.cancel.is_cancelled() => Next::Stop,
-                        Err(e) => self.after_error(e, &mut backoff).await,
                     }
                 }
             };
         }
     }
 
-    /// One life of the pipeline, in its own task so that a panic becomes a state.
+    /// One life of the pipeline. A panic in it is caught here, in the task that owns the
+    /// command receiver and the carry, so both survive it: pause, resume and rewind keep
+    /// working, and the next life restarts from the checkpoint (a retryable error).
     async fn life(&mut self) -> Result<Exit, WatcherError> {
-        let (spec, deps, status, cancel) = (
-            self.spec.clone(),
-            self.deps.clone(),
-            self.status.clone(),
-            self.cancel.clone(),
+        let (spec, deps, status) = (self.spec.clone(), self.deps.clone(), self.status.clone());
+        // Per life, so that after a panic what the life spawned (its reader, which would
+        // otherwise hold its change stream open until it next sends) is stopped; shutdown
+        // still reaches the life through it.
+        let life_cancel = self.cancel.child_token();
+        let _stop_leftovers = life_cancel.clone().drop_guard();
+        let fence = self.carry.fence.clone();
+        let run = watchers::pipeline::run(
+            spec,
+            deps,
+            status,
+            life_cancel.clone(),
+            &mut self.carry,
+            &mut self.commands,
         );
-        // A panic loses what the life carried: the next one starts from the checkpoint.
-        let mut carry = std::mem::take(&mut self.carry);
-        let (tx, mut commands) = mpsc::channel(1);
-        std::mem::swap(&mut commands, &mut self.commands);
-        let life = tokio::spawn(
-            async move {
-                let result =
-                    watchers::pipeline::run(spec, deps, status, cancel, &mut carry, &mut commands)
-                        .await;
-                (result, carry, commands)
+        // Never resolves in a production build (see watchers/src/fault.rs).
+        let injected = watchers::fault::injected_panic(&self.spec.name);
+        // A lease taken away, or to hand over, stops the life as shutdown does: flush, final
+        // checkpoint (refused by the fence once the next owner wrote).
+        let revoked = revocation(self.lease.as_mut(), fence);
+        let revoked_slot = &mut self.revoked;
+        let life = async {
+            tokio::pin!(run, injected, revoked);
+            let mut revoking = false;
+            loop {
+                tokio::select! {
+                    result = &mut run => break result,
+                    never = &mut injected => match never {},
+                    grant = &mut revoked, if !revoking => {
+                        revoking = true;
+                        info!(grant = ?grant, "lease no longer held here; stopping the watcher");
+                        *revoked_slot = Some(grant);
+                        life_cancel.cancel();
+                    }
+                }
             }
-            .in_current_span(),
-        );
-        drop(tx);
-        match life.await {
-            Ok((result, carry, commands)) => {
-                self.carry = carry;
-                self.commands = commands;
-                result
-            }
-            Err(join_error) => {
-                error!(error = %join_error, "watcher task panicked");
-                // The command receiver died with the task: the handle's senders now fail with
-                // `Gone`; the watcher keeps running without a control channel.
-                Err(WatcherError::Mongo(mongodb::error::Error::custom(format!(
-                    "watcher task panicked: {join_error}"
-                ))))
+        };
+        // AssertUnwindSafe: what the life shares with this task is safe to use after a panic.
+        // The carry's fields are replaced whole (a panic leaves each as the last life left
+        // it: at worst an older position, read again, or a rewind target not yet stored,
+        // applied by the next life); the receiver and the status channel are tokio's, whose
+        // state a panic cannot tear; the pipeline holds no std lock another task could find
+        // poisoned; byte reservations are given back as the unwinding drops them.
+        match AssertUnwindSafe(life).catch_unwind().await {
+            Ok(result) => result,
+            Err(payload) => {
+                let message = panic_message(payload.as_ref());
+                self.metrics.panics.inc();
+                error!(panic = %message, "watcher panicked; restarting from its checkpoint");
+                Err(WatcherError::Panicked { message })
             }
         }
     }
@@ -220,7 +307,7 @@ impl Task {
             && self.spec.on_invalidate == OnInvalidate::Continue
         {
             info!("change stream invalidated; continuing after it (on_invalidate: continue)");
-            self.status.restarted();
+            self.restarted();
             return Next::Run;
         }
         if matches!(error, WatcherError::HistoryLost { .. })
@@ -232,10 +319,16 @@ impl Task {
                  delivered; restarting from latest (on_history_lost: restart_from_latest)"
             );
             self.carry.start_override = Some(StartPosition::Latest);
-            self.status.restarted();
+            self.restarted();
             return Next::Run;
         }
-        if !error.is_retryable() {
+        // With leases a conflict is another replica's write: the last write of an earlier
+        // owner racing this life's fencing write (the next life loads it and fences again),
+        // or a newer owner's fence (the coordinator's renewal then finds the lease gone, and
+        // the next life waits in standby).
+        let fenced =
+            self.lease.is_some() && matches!(error, WatcherError::CheckpointConflict { .. });
+        if !error.is_retryable() && !fenced {
             let state = error.state();
             error!(error = %error, %state, "watcher stopped; it needs an operator");
             return Next::Park(state, Some(error.to_string()));
@@ -243,21 +336,133 @@ impl Task {
         let delay = backoff.next_delay();
         error!(error = %error, retry_in = ?delay, "watcher failed; restarting");
         self.status.set(State::BackingOff, Some(error.to_string()));
-        self.status.restarted();
+        self.restarted();
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
+            let fence = self.carry.fence.clone();
             tokio::select! {
                 _ = self.cancel.cancelled() => return Next::Stop,
                 _ = &mut sleep => return Next::Run,
+                grant = revocation(self.lease.as_mut(), fence) => {
+                    self.on_revoked(grant);
+                    return Next::Run;
+                }
                 Some(cmd) = self.commands.recv() => match cmd {
                     Command::Resume(reply) => {
                         let _ = reply.send(Ok(()));
+                    }
+                    // Refused here rather than in `after_command`, which would end the
+                    // backoff early by starting the next life.
+                    Command::Snapshot(_, reply) => {
+                        let _ = reply.send(Err(ControlError::Conflict(format!(
+                            "watcher `{}` is {}; request the snapshot once it is running again",
+                            self.spec.name,
+                            State::BackingOff
+                        ))));
                     }
                     cmd => return self.after_command(cmd).await,
                 },
             }
         }
+    }
+
+    /// Whether this replica may run the watcher now: always without leases; with them, while
+    /// it holds the lease (whose fence the next life then writes under).
+    fn holds_lease(&mut self) -> bool {
+        let Some(link) = &self.lease else {
+            return true;
+        };
+        let grant = link.grants.borrow().clone();
+        match grant {
+            Grant::Owned(fence) => {
+                let me = fence.owner.clone();
+                self.carry.fence = Some(fence);
+                self.status.update(|s| s.owner = Some(me));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// After the lease went (or was handed over) while the watcher ran or was parked here.
+    fn on_revoked(&mut self, grant: Grant) {
+        self.carry.fence = None;
+        if let (Grant::HandOver(fence), Some(link)) = (grant, &self.lease) {
+            self.handed_over = Some(fence.clone());
+            let _ = link.released.send(Released {
+                watcher: self.spec.name.clone(),
+                fence,
+            });
+        }
+    }
+
+    /// Waits while another replica owns the watcher, answering commands with 409 naming it.
+    async fn standby(&mut self) -> Next {
+        loop {
+            let Some(link) = self.lease.as_mut() else {
+                return Next::Run;
+            };
+            let grant = link.grants.borrow_and_update().clone();
+            let owner = match grant {
+                Grant::Owned(_) => return Next::Run,
+                Grant::HandOver(fence) => {
+                    // Not running here: give it up at once (once), then wait for the
+                    // coordinator to take it back.
+                    if self.handed_over.as_ref() != Some(&fence) {
+                        self.on_revoked(Grant::HandOver(fence));
+                    }
+                    None
+                }
+                Grant::Standby { owner } => owner,
+            };
+            let reason = match &owner {
+                Some(o) => {
+                    format!("owned by replica `{o}`; this replica takes it over if that one goes")
+                }
+                None => "waiting for its lease".to_owned(),
+            };
+            self.status.set(State::Standby, Some(reason));
+            self.status.update(|s| {
+                s.owner = owner.clone();
+                s.caught_up = false;
+            });
+            let Some(link) = self.lease.as_mut() else {
+                return Next::Run;
+            };
+            tokio::select! {
+                _ = self.cancel.cancelled() => return Next::Stop,
+                changed = link.grants.changed() => {
+                    if changed.is_err() {
+                        self.cancel.cancelled().await;
+                        return Next::Stop;
+                    }
+                }
+                Some(cmd) = self.commands.recv() => {
+                    let message = match &owner {
+                        Some(o) => format!(
+                            "watcher `{}` runs on replica `{o}` (this is `{}`); send the command there",
+                            self.spec.name, link.replica
+                        ),
+                        None => format!(
+                            "watcher `{}` is not running on any replica yet; try again in a few seconds",
+                            self.spec.name
+                        ),
+                    };
+                    let (Command::Pause(reply)
+                    | Command::Resume(reply)
+                    | Command::Rewind(_, reply)
+                    | Command::Snapshot(_, reply)) = cmd;
+                    let _ = reply.send(Err(ControlError::Conflict(message)));
+                }
+            }
+        }
+    }
+
+    /// Counts a restart, in the API's view and in the metric.
+    fn restarted(&self) {
+        self.status.restarted();
+        self.metrics.restarts.inc();
     }
 
     /// Carries out a pause or rewind after the pipeline flushed and checkpointed.
@@ -293,20 +498,34 @@ impl Task {
                     Next::Run
                 }
             },
+            // The running pipeline answers snapshots itself and never stops for one; this
+            // arm only keeps the match whole.
+            Command::Snapshot(_, reply) => {
+                let _ = reply.send(Err(ControlError::Conflict(format!(
+                    "watcher `{}` is restarting; request the snapshot once it is running again",
+                    self.spec.name
+                ))));
+                Next::Run
+            }
         }
     }
 
     /// Waits in `state` for an operator command or shutdown.
     async fn park(&mut self, state: State, reason: Option<String>) -> Next {
+        // `set` also records a failure as the last error.
+        self.status.set(state, reason.clone());
         self.status.update(|s| {
-            s.state = state;
-            s.reason = reason.clone();
             s.paused = state == State::Paused;
             s.caught_up = false;
         });
         loop {
+            let fence = self.carry.fence.clone();
             let cmd = tokio::select! {
                 _ = self.cancel.cancelled() => return Next::Stop,
+                grant = revocation(self.lease.as_mut(), fence) => {
+                    self.on_revoked(grant);
+                    return Next::Run;
+                }
                 cmd = self.commands.recv() => match cmd {
                     Some(cmd) => cmd,
                     None => {
@@ -345,6 +564,19 @@ impl Task {
                         return Next::Run;
                     }
                 }
+                // A copy runs inside a life, so only a running watcher can take one.
+                Command::Snapshot(_, reply) => {
+                    let _ = reply.send(Err(ControlError::Conflict(format!(
+                        "watcher `{}` is {state}; {}, then request the snapshot",
+                        self.spec.name,
+                        match state {
+                            State::Paused => "resume it first",
+                            // Resuming meets the same lost history or invalidate again.
+                            State::HistoryLost | State::Invalidated => "rewind it first",
+                            _ => "resume or rewind it first",
+                        }
+                    ))));
+                }
             }
         }
     }
@@ -356,31 +588,20 @@ impl Task {
         let position = probe(&self.deps.mongo, &self.spec, target).await?;
         info!(action = "rewind", target = %describe(target), paused, "rewind accepted");
         if paused {
-            let checkpoint = match &position.1 {
-                StartPosition::After(token) => Checkpoint {
-                    token: Some(token.clone()),
-                    cluster_time: None,
-                    paused: true,
-                },
-                StartPosition::At(ts) => Checkpoint {
-                    token: None,
-                    cluster_time: Some(*ts),
-                    paused: true,
-                },
-                StartPosition::Latest => Checkpoint {
-                    token: position.0.clone(),
-                    cluster_time: None,
-                    paused: true,
-                },
+            let (token, cluster_time) = match &position.1 {
+                StartPosition::After(token) => (Some(token.clone()), None),
+                StartPosition::At(ts) => (None, Some(*ts)),
+                StartPosition::Latest => (position.0.clone(), None),
+            };
+            let checkpoint = Checkpoint {
+                token,
+                cluster_time,
+                paused: true,
+                namespace: Some(watchers::checkpoint::namespace(&self.spec)),
             };
             if let Some(store) = &self.deps.checkpoints {
-                let revision = store
-                    .load(&self.spec.name)
-                    .await
-                    .map_err(|e| ControlError::Unavailable(e.to_string()))?
-                    .map(|s| s.revision);
                 store
-                    .save(&self.spec.name, revision, &checkpoint)
+                    .replace(&self.spec.name, &checkpoint, self.carry.fence.as_ref())
                     .await
                     .map_err(|e| ControlError::Unavailable(e.to_string()))?;
             }
@@ -405,28 +626,20 @@ impl Task {
         let Some(store) = &self.deps.checkpoints else {
             return Ok(());
         };
-        if matches!(store.layout(), Layout::LegacyMarker { .. }) {
-            warn!("drop-in mode: the old marker cannot hold the paused flag; a restart resumes");
-            return Ok(());
-        }
-        let unavailable = |e: WatcherError| ControlError::Unavailable(e.to_string());
-        let stored = store.load(&self.spec.name).await.map_err(unavailable)?;
-        let Some(stored) = stored else {
-            return Ok(());
-        };
-        if stored.checkpoint.paused == paused {
-            return Ok(());
-        }
-        let checkpoint = Checkpoint {
-            paused,
-            ..stored.checkpoint
-        };
         store
-            .save(&self.spec.name, Some(stored.revision), &checkpoint)
+            .mark_paused(&self.spec.name, paused, self.carry.fence.as_ref())
             .await
-            .map_err(unavailable)?;
-        Ok(())
+            .map_err(|e| ControlError::Unavailable(e.to_string()))
     }
+}
+
+/// The text a panic was raised with (`panic!` gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 fn describe(target: &RewindTarget) -> String {
@@ -456,10 +669,7 @@ async fn probe(
             StartPosition::After(t.clone())
         }
         RewindTarget::Time(t) => {
-            let ts = Timestamp {
-                time: (t.timestamp_millis().max(0) / 1000) as u32,
-                increment: 0,
-            };
+            let ts = reader::cluster_time_at(*t);
             // MongoDB answers 286 for a time before the oplog; some servers silently start at
             // the oldest entry instead, so compare with the oldest entry ourselves. By whole
             // seconds: the target is truncated to `{second, 0}`, so a time inside the oldest
@@ -530,12 +740,134 @@ async fn reachable(client: &mongodb::Client) -> Result<(), ControlError> {
 
 /// Cluster time of the oldest oplog entry, where the server lets us read it.
 async fn oldest_oplog_time(client: &mongodb::Client) -> Option<Timestamp> {
+    read_oldest_oplog(client).await.ok().flatten()
+}
+
+/// Cluster time of the oldest entry still in the oplog (None for an empty oplog).
+async fn read_oldest_oplog(
+    client: &mongodb::Client,
+) -> Result<Option<Timestamp>, mongodb::error::Error> {
     let oldest = client
         .database("local")
         .collection::<Document>("oplog.rs")
         .find_one(doc! {})
         .sort(doc! {"$natural": 1})
-        .await
-        .ok()??;
-    oldest.get_timestamp("ts").ok()
+        .await?;
+    Ok(oldest.and_then(|entry| entry.get_timestamp("ts").ok()))
+}
+
+/// How often the oldest oplog entry is read for `mongo_watcher_oplog_headroom_seconds`.
+const OPLOG_SAMPLE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long one read may take; a slower one counts as failed (the driver's own server
+/// selection would wait 30 s, a whole interval, while MongoDB is down).
+const OPLOG_SAMPLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Server code for an operation the user's roles do not allow (Unauthorized).
+const UNAUTHORIZED: i32 = 13;
+
+/// What one read of the oplog's oldest entry found.
+#[derive(Debug)]
+enum OplogSample {
+    Oldest(Timestamp),
+    /// An empty oplog (or an entry without `ts`): nothing to measure against.
+    Empty,
+    /// The server does not let this user read `local.oplog.rs`.
+    NotPermitted(String),
+    Failed(String),
+}
+
+/// Reads the oldest entry of the oplog every [`OPLOG_SAMPLE_INTERVAL`] and hands its time to
+/// every watcher's status, where each watcher's headroom is measured from its own checkpoint
+/// (`Status::oplog_headroom_seconds`). One per MongoDB deployment (the process has one
+/// client), not one per watcher: the oplog is the deployment's. Where the server does not
+/// let us read it, the sampler says so once and stops, and the headroom stays unknown (the
+/// gauge absent, the API's `oplog_headroom_seconds` null); a failed read makes it unknown
+/// until the next read succeeds.
+struct OplogSampler {
+    client: mongodb::Client,
+    statuses: Vec<StatusTx>,
+    /// The last read failed (a warning is logged at the first failure of a run).
+    failing: bool,
+}
+
+impl OplogSampler {
+    fn new(client: mongodb::Client, statuses: Vec<StatusTx>) -> Self {
+        Self {
+            client,
+            statuses,
+            failing: false,
+        }
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(OPLOG_SAMPLE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let sample = tokio::select! {
+                _ = cancel.cancelled() => return,
+                sample = sample_oplog(&self.client) => sample,
+            };
+            if !self.publish(sample) {
+                return;
+            }
+        }
+    }
+
+    /// Publishes the sample to every watcher; false when sampling should stop.
+    fn publish(&mut self, sample: OplogSample) -> bool {
+        let (oldest, go_on) = match sample {
+            OplogSample::Oldest(ts) => {
+                if std::mem::take(&mut self.failing) {
+                    info!("the oldest oplog entry is readable again");
+                }
+                (Some(watchers::status::wall_time(ts)), true)
+            }
+            OplogSample::Empty => {
+                self.failing = false;
+                (None, true)
+            }
+            OplogSample::NotPermitted(error) => {
+                // Once: asking again every 30 s would only fill the server's audit log. A
+                // grant takes effect at the next start.
+                warn!(
+                    %error,
+                    "not permitted to read local.oplog.rs: mongo_watcher_oplog_headroom_seconds \
+                     stays absent; grant the user {{role: \"read\", db: \"local\"}} and \
+                     restart to see how long before a stopped watcher's history is lost"
+                );
+                (None, false)
+            }
+            OplogSample::Failed(error) => {
+                if !std::mem::replace(&mut self.failing, true) {
+                    warn!(
+                        %error,
+                        "cannot read the oldest oplog entry; oplog headroom unknown until a read \
+                         succeeds"
+                    );
+                }
+                (None, true)
+            }
+        };
+        for status in &self.statuses {
+            status.update(|s| s.oplog_oldest = oldest);
+        }
+        go_on
+    }
+}
+
+async fn sample_oplog(client: &mongodb::Client) -> OplogSample {
+    match tokio::time::timeout(OPLOG_SAMPLE_TIMEOUT, read_oldest_oplog(client)).await {
+        Err(_) => OplogSample::Failed(format!("no answer within {OPLOG_SAMPLE_TIMEOUT:?}")),
+        Ok(Ok(Some(ts))) => OplogSample::Oldest(ts),
+        Ok(Ok(None)) => OplogSample::Empty,
+        Ok(Err(e)) => match e.kind.as_ref() {
+            mongodb::error::ErrorKind::Command(c) if c.code == UNAUTHORIZED => {
+                OplogSample::NotPermitted(watchers::error::summary(&e))
+            }
+            _ => OplogSample::Failed(watchers::error::summary(&e)),
+        },
+    }
 }

@@ -62,8 +62,16 @@ locals {
     linuxParameters        = { capabilities = { drop = ["ALL"] } }
     # SIGTERM: stop reading, flush, final checkpoint, exit 0 within 20 s; SIGKILL after 30 s.
     stopTimeout = 30
-    # No container healthCheck: the distroless image has no shell or curl. The ALB target
-    # group checks GET /healthz instead.
+    # The distroless image has no shell or curl: the binary probes its own GET /healthz on
+    # 127.0.0.1:8080 (http_port) and exits 0 on 200. Liveness only, like the ALB's check; the
+    # start period covers reading SSM secrets before the control plane listens.
+    healthCheck = {
+      command     = ["CMD", "/usr/local/bin/mongo-watcher", "healthcheck"]
+      interval    = 30
+      timeout     = 5
+      retries     = 3
+      startPeriod = 60
+    }
     logConfiguration = local.log_configuration
   }
 
@@ -102,13 +110,16 @@ resource "aws_ecs_service" "this" {
   enable_execute_command = false
   propagate_tags         = "SERVICE"
 
-  # One task, never two at once: watchers are not sharded, and a second task would run the
-  # same watchers against the same checkpoints. A deployment therefore stops the old task
-  # (SIGTERM: it flushes and writes its final checkpoint) before starting the new one:
+  # Without leases one task, never two at once: watchers are not sharded, and a second task
+  # would run the same watchers against the same checkpoints. A deployment therefore stops the
+  # old task (SIGTERM: it flushes and writes its final checkpoint) before starting the new one:
   # minimum 0 % healthy, maximum 100 %. Delivery pauses for the restart, nothing is lost.
+  # With leases the deployment is rolling (minimum 100 %, maximum 200 %): new tasks start
+  # before old ones stop, and a stopping task drains, writes its final checkpoints and releases
+  # its leases, which the others take at their next tick.
   desired_count                      = var.desired_count
-  deployment_minimum_healthy_percent = 0
-  deployment_maximum_percent         = 100
+  deployment_minimum_healthy_percent = var.leases_enabled ? 100 : 0
+  deployment_maximum_percent         = var.leases_enabled ? 200 : 100
 
   deployment_circuit_breaker {
     enable   = true

@@ -26,7 +26,7 @@ data "aws_iam_policy_document" "ecs_tasks_assume" {
 
 resource "aws_iam_role" "task" {
   name_prefix        = "${var.name}-task-"
-  description        = "mongo-watcher: Kinesis PutRecords, DynamoDB checkpoints, SSM secrets"
+  description        = "mongo-watcher: Kinesis PutRecords, DynamoDB checkpoints and leases, SSM secrets"
   assume_role_policy = data.aws_iam_policy_document.ecs_tasks_assume.json
 
   tags = local.tags
@@ -43,11 +43,30 @@ data "aws_iam_policy_document" "task" {
     sid = "DynamoDBCheckpoints"
     actions = [
       "dynamodb:GetItem",
+      # Checkpoints of many watchers loaded 100 at a time at start (GetItem each without it).
+      "dynamodb:BatchGetItem",
       "dynamodb:PutItem",
       "dynamodb:UpdateItem",
       "dynamodb:DescribeTable",
     ]
     resources = [aws_dynamodb_table.checkpoints.arn]
+  }
+
+  # leases_enabled: what watchers/src/lease.rs calls (check the table, read every lease, claim,
+  # renew and release with conditional updates, remove the task's own item on SIGTERM).
+  dynamic "statement" {
+    for_each = var.leases_enabled ? [1] : []
+
+    content {
+      sid = "DynamoDBLeases"
+      actions = [
+        "dynamodb:DescribeTable",
+        "dynamodb:Scan",
+        "dynamodb:UpdateItem",
+        "dynamodb:DeleteItem",
+      ]
+      resources = [aws_dynamodb_table.leases[0].arn]
+    }
   }
 
   dynamic "statement" {
@@ -57,6 +76,17 @@ data "aws_iam_policy_document" "task" {
       sid       = "SSMSecrets"
       actions   = ["ssm:GetParameter"]
       resources = var.ssm_parameter_arns
+    }
+  }
+
+  # `on_oversized: s3`: the claim-checked events' objects, under the watchers' prefix only.
+  dynamic "statement" {
+    for_each = var.claim_check_bucket != null ? [1] : []
+
+    content {
+      sid       = "ClaimCheckObjects"
+      actions   = ["s3:PutObject"]
+      resources = ["arn:${local.partition}:s3:::${var.claim_check_bucket}/${var.claim_check_prefix}*"]
     }
   }
 

@@ -18,6 +18,16 @@ output "checkpoint_table_arn" {
   value       = aws_dynamodb_table.checkpoints.arn
 }
 
+output "lease_table_name" {
+  description = "DynamoDB lease table (the config's leases.table); null without leases_enabled."
+  value       = var.leases_enabled ? aws_dynamodb_table.leases[0].name : null
+}
+
+output "lease_table_arn" {
+  description = "DynamoDB lease table ARN; null without leases_enabled."
+  value       = var.leases_enabled ? aws_dynamodb_table.leases[0].arn : null
+}
+
 output "task_role_arn" {
   description = "IAM role of the mongo-watcher process."
   value       = aws_iam_role.task.arn

@@ -45,7 +45,7 @@ variable "config_yaml" {
     The mongo-watcher config file (YAML; see the README's configuration reference). It is
     passed to the init container in an environment variable, so it is visible in the task
     definition: keep secrets out of it and use `password_ssm_parameter` /
-    `http.api_token_ssm_parameter`, or `${VAR}` with `secret_environment`. `http.listen` must
+    `http.api_token_ssm_parameter`, or `$${VAR}` with `secret_environment`. `http.listen` must
     stay on port 8080 (the default 0.0.0.0:8080) and `checkpoints.table` should name
     `checkpoint_table_name`.
   EOT
@@ -91,6 +91,18 @@ variable "kms_key_arns" {
   default     = []
 }
 
+variable "claim_check_bucket" {
+  description = "Bucket of `on_oversized: s3` (the watchers' `s3.bucket`): the task role gets s3:PutObject on its objects under claim_check_prefix. Null (no watcher claim-checks) grants nothing."
+  type        = string
+  default     = null
+}
+
+variable "claim_check_prefix" {
+  description = "The watchers' `s3.prefix` in claim_check_bucket (objects are written as <prefix><watcher>/<sha256>.json); empty grants the whole bucket."
+  type        = string
+  default     = ""
+}
+
 variable "secret_environment" {
   description = "Environment variables injected by ECS from SSM parameters: name => parameter ARN, e.g. { MONGO_WATCHER_API_TOKEN = arn..., MONGO_PASSWORD = arn... } (the execution role reads them)."
   type        = map(string)
@@ -104,14 +116,37 @@ variable "environment" {
 }
 
 variable "desired_count" {
-  description = "Number of tasks: 1 (or 0 to stop). Watchers are not sharded across tasks; two tasks would run the same watchers and conflict on their checkpoints."
+  description = "Number of tasks. Without leases 1 (or 0 to stop): watchers are not sharded across tasks, and two tasks would conflict on the same checkpoints. With leases_enabled any number (2 or more for failover): each watcher runs on one task at a time."
   type        = number
   default     = 1
 
   validation {
-    condition     = var.desired_count == 0 || var.desired_count == 1
-    error_message = "desired_count: 0 or 1. Watchers are not sharded across tasks, and two tasks would conflict on the same checkpoints."
+    condition     = var.desired_count >= 0 && floor(var.desired_count) == var.desired_count && (var.leases_enabled || var.desired_count <= 1)
+    error_message = "desired_count: 0 or 1 without leases_enabled (watchers are not sharded across tasks, and two tasks would conflict on the same checkpoints); any whole number >= 0 with leases_enabled."
   }
+}
+
+variable "leases_enabled" {
+  description = "Several tasks share the watchers through a lease table (the config's `leases: {table, ttl}`): creates the lease table, grants the task role on it and deploys rolling (minimum 100 % healthy, maximum 200 %). config_yaml must then have `leases.table` = lease_table_name."
+  type        = bool
+  default     = false
+
+  validation {
+    condition     = var.leases_enabled == can(yamldecode(var.config_yaml).leases.table)
+    error_message = "leases_enabled must be true exactly when config_yaml has `leases.table` (naming lease_table_name): the task role needs the lease table, and without leases two tasks would conflict."
+  }
+}
+
+variable "lease_table_name" {
+  description = "Name of the DynamoDB lease table created when leases_enabled (migrations/leases.json); the config's leases.table."
+  type        = string
+  default     = "mongo-watcher-leases"
+}
+
+variable "lease_table_kms_key_arn" {
+  description = "Customer managed KMS key for the lease table; null uses the AWS managed key aws/dynamodb."
+  type        = string
+  default     = null
 }
 
 variable "cpu" {

@@ -1,5 +1,6 @@
 terraform {
-  required_version = ">= 1.5.0"
+  # 1.9: a variable's validation may refer to other variables (desired_count, leases_enabled).
+  required_version = ">= 1.9.0"
 
   required_providers {
     aws = {

@@ -485,7 +485,8 @@ async fn missing_checkpoint_table_is_named_and_retried() {
 }
 
 /// Forty watchers on one client: every stream opens and delivers (the pool is sized to the
-/// watchers), and JSON logs carry each watcher's name.
+/// watchers), and JSON logs carry each watcher's name; restarted, they load their checkpoints
+/// together and each resumes at its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_watchers_on_one_client_with_json_logs() {
     let e = env().await;
@@ -498,7 +499,7 @@ async fn forty_watchers_on_one_client_with_json_logs() {
         .collect();
     let cfg = config_yaml(&e.mongo, Some(&table), &watchers);
     let started = std::time::Instant::now();
-    let w = Watcher::start_with_env(
+    let mut w = Watcher::start_with_env(
         e.dir.path(),
         &cfg,
         &e.moto.endpoint(),
@@ -535,6 +536,45 @@ async fn forty_watchers_on_one_client_with_json_logs() {
         }
     }
     assert_eq!(named.len(), 40, "watcher names in logs: {named:?}");
+
+    // Restarted, the forty load their checkpoints together (BatchGetItem, up to 100 a call)
+    // and each resumes at its own: a second insert each arrives, and nothing again.
+    let together = |w: &Watcher| w.logs().matches("checkpoints loaded together").count();
+    let before = together(&w);
+    let (code, _) = w.terminate();
+    assert_eq!(code, Some(0));
+    w.restart();
+    let deadline = std::time::Instant::now() + WAIT;
+    while together(&w) <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no BatchGetItem of the checkpoints after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..40_i64 {
+        let coll = client
+            .database("many")
+            .collection::<Document>(&format!("c{i}"));
+        insert_ids(&coll, [100 + i]).await;
+    }
+    let all: Vec<i64> = (0..40).chain(100..140).collect();
+    let records = e
+        .aws
+        .wait_for_records(&stream, WAIT, |r| has_all(r, &all))
+        .await;
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    for r in &records {
+        if let Some(id) = r.id() {
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    assert!(
+        seen.values().all(|&n| n == 1),
+        "delivered more than once after the restart: {:?}",
+        seen.iter().filter(|(_, &n)| n > 1).collect::<Vec<_>>()
+    );
+    assert!(!w.logs().contains("BatchGetItem is not granted"));
 }
 
 /// A password in the URI or the config never reaches a log line, whatever the server says.

@@ -14,14 +14,14 @@ use axum::Json;
 use bson::{Bson, DateTime};
 use prometheus::{Encoder, TextEncoder};
 use serde::de::DeserializeOwned;
-use watchers::control::{ControlError, RewindTarget, WatcherHandle};
+use watchers::control::{self, ControlError, RewindTarget, WatcherHandle};
 use watchers::status::State as WatcherStateKind;
 
 use crate::auth::Authorized;
 use crate::error::{ApiError, ErrorBody};
 use crate::model::{
     rfc3339, Health, HealthStatus, NotReady, Readiness, ReadinessStatus, RewindRequest,
-    WatcherList, WatcherView,
+    SnapshotRequest, WatcherList, WatcherView,
 };
 use crate::state::{now_millis, AppState, LIVENESS_WINDOW, UNSETTLED_COMMAND_WAIT};
 
@@ -34,26 +34,49 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        // Refuse a body announced as too large at once instead of waiting for it to arrive
-        // (the body limit alone only trips once that many bytes were read).
-        let announced = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if announced.is_some_and(|n| n > crate::MAX_BODY_BYTES as u64) {
-            return Err(ApiError::body_too_large());
-        }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            match rejection.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => ApiError::body_too_large(),
-                _ => ApiError::BadRequest(rejection.body_text()),
-            }
-        })?;
+        let bytes = body_bytes(req, state).await?;
         // `from_bytes` skips the Content-Type check that `Json`'s extractor makes.
         let Json(value) = Json::<T>::from_bytes(&bytes)?;
         Ok(Self(value))
     }
+}
+
+/// As [`ApiJson`], for a body that may be left out: an empty one (or JSON `null`, which the
+/// OpenAPI document allows for an optional body) is `T::default()`, so `curl -X POST` with no
+/// `-d` works.
+pub struct OptionalApiJson<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = body_bytes(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self(T::default()));
+        }
+        let Json(value) = Json::<Option<T>>::from_bytes(&bytes)?;
+        Ok(Self(value.unwrap_or_default()))
+    }
+}
+
+/// The request's body, at most [`crate::MAX_BODY_BYTES`].
+async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    // Refuse a body announced as too large at once instead of waiting for it to arrive
+    // (the body limit alone only trips once that many bytes were read).
+    let announced = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > crate::MAX_BODY_BYTES as u64) {
+        return Err(ApiError::body_too_large());
+    }
+    Bytes::from_request(req, state)
+        .await
+        .map_err(|rejection| match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::body_too_large(),
+            _ => ApiError::BadRequest(rejection.body_text()),
+        })
 }
 
 /// The `{name}` path segment, with a JSON rejection.
@@ -128,7 +151,10 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         .filter_map(|w| {
             let s = w.status();
             match s.state {
-                WatcherStateKind::Running | WatcherStateKind::Paused => None,
+                // A standby replica is ready: the watcher runs on its owner.
+                WatcherStateKind::Running
+                | WatcherStateKind::Paused
+                | WatcherStateKind::Standby => None,
                 other => Some(NotReady {
                     name: w.name().to_owned(),
                     state: other.into(),
@@ -352,6 +378,93 @@ fn rewind_target(request: RewindRequest) -> Result<(RewindTarget, String), ApiEr
     }
 }
 
+/// Copy the collection's documents into the stream again, as snapshot records.
+///
+/// Each document (or each one `filter` matches) becomes a record with `operationType:
+/// "snapshot"`, `_id: {"snapshot": <the document's _id>}` and the document as
+/// `fullDocument`, sent through the same batching, ordering and retries as change events. The
+/// change stream keeps its position: changes made during the copy arrive as usual events.
+/// Answered once the copy has begun; its progress shows under `snapshot` in
+/// `GET /watchers/{name}`.
+#[utoipa::path(
+    post, path = "/watchers/{name}/snapshot", tag = "watchers",
+    params(("name" = String, Path, description = "The watcher's name")),
+    request_body(
+        content = Option<SnapshotRequest>,
+        description = "Optional: no body or `{}` copies every document",
+        example = json!({"filter": {"status": "active"}}),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "The copy has begun; the watcher after the command (`snapshot` shows its progress)", body = WatcherView),
+        (status = 400, description = "Body not JSON (whatever its Content-Type), unknown field, or a `filter` that is not a JSON object or not valid Extended JSON",
+         body = ErrorBody),
+        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody,
+         headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "No API token is configured", body = ErrorBody),
+        (status = 404, description = "No watcher has this name", body = ErrorBody),
+        (status = 409, description = "A copy is already running, or the watcher is not running (paused, failed, history lost, invalidated, or owned by another replica); the message says what to do", body = ErrorBody),
+        (status = 413, description = "Body over 16 KiB", body = ErrorBody),
+        (status = 503, description = "The watcher could not start the copy, did not answer in time (the command may still complete; 2 s for a watcher that is starting or backing off) or is shutting down; `state` and `reason` say what the watcher is doing",
+         body = ErrorBody),
+    )
+)]
+pub async fn snapshot(
+    _auth: Authorized,
+    State(state): State<AppState>,
+    WatcherName(name): WatcherName,
+    OptionalApiJson(request): OptionalApiJson<SnapshotRequest>,
+) -> Result<(StatusCode, Json<WatcherView>), ApiError> {
+    let handle = lookup(&state, &name)?;
+    let (request, described) = snapshot_request(request)?;
+    let timeout = command_wait(&state, handle);
+    command(
+        handle,
+        "snapshot",
+        &described,
+        handle.snapshot(request, timeout),
+    )
+    .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(WatcherView::new(handle, DateTime::now())),
+    ))
+}
+
+/// The backfill a snapshot request asks for and how it is logged.
+fn snapshot_request(
+    request: SnapshotRequest,
+) -> Result<(control::SnapshotRequest, String), ApiError> {
+    let filter = match request.filter {
+        None => return Ok((control::SnapshotRequest { filter: None }, "all".to_owned())),
+        Some(filter @ serde_json::Value::Object(_)) => filter,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "`filter` must be a JSON object (a query filter in Extended JSON), such as                  {\"status\": \"active\"}"
+                    .into(),
+            ))
+        }
+    };
+    let described = format!("filter {filter}");
+    // Through `Bson` rather than straight to a `Document`, so that an object that is one
+    // Extended JSON value (`{"$oid": ...}`) is refused instead of becoming a filter on a
+    // field named `$oid`.
+    match Bson::try_from(filter) {
+        Ok(Bson::Document(filter)) => Ok((
+            control::SnapshotRequest {
+                filter: Some(filter),
+            },
+            described,
+        )),
+        Ok(_) => Err(ApiError::BadRequest(
+            "`filter` must be a query document, not an Extended JSON scalar".into(),
+        )),
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "`filter` is not valid Extended JSON: {e}"
+        ))),
+    }
+}
+
 /// How long to wait for the watcher's answer. A watcher that is starting or backing off may be
 /// stuck connecting to MongoDB (the driver's server selection waits 30 s) and takes no command
 /// until that ends: such a caller gets 503 with the watcher's state and reason after
@@ -422,6 +535,60 @@ mod tests {
         RewindRequest {
             to: to.map(str::to_owned),
             resume_token: token,
+        }
+    }
+
+    fn snap(filter: Option<serde_json::Value>) -> SnapshotRequest {
+        SnapshotRequest { filter }
+    }
+
+    #[test]
+    fn snapshot_filters_are_extended_json_documents() {
+        let (request, described) = snapshot_request(snap(None)).expect("no filter");
+        assert_eq!(request.filter, None);
+        assert_eq!(described, "all");
+
+        let (request, _) =
+            snapshot_request(snap(Some(serde_json::json!({"kind": "a"})))).expect("relaxed");
+        assert_eq!(request.filter, Some(bson::doc! {"kind": "a"}));
+
+        let oid = bson::oid::ObjectId::parse_str("665f1c2e8b3e4a0012345678").expect("oid");
+        let (request, _) = snapshot_request(snap(Some(serde_json::json!(
+            {"_id": {"$gte": {"$oid": "665f1c2e8b3e4a0012345678"}}}
+        ))))
+        .expect("operator with an ObjectId");
+        assert_eq!(request.filter, Some(bson::doc! {"_id": {"$gte": oid}}));
+
+        let (request, _) = snapshot_request(snap(Some(serde_json::json!(
+            {"n": {"$numberLong": "7"}, "at": {"$date": {"$numberLong": "0"}},
+             "$or": [{"a": 1}, {"b": {"$exists": false}}]}
+        ))))
+        .expect("canonical");
+        assert_eq!(
+            request.filter,
+            Some(bson::doc! {
+                "n": 7_i64, "at": DateTime::from_millis(0),
+                "$or": [{"a": 1}, {"b": {"$exists": false}}],
+            })
+        );
+
+        for (bad, expect) in [
+            (serde_json::json!(5), "JSON object"),
+            (serde_json::json!("kind"), "JSON object"),
+            (serde_json::json!([{"kind": "a"}]), "JSON object"),
+            (
+                serde_json::json!({"$oid": "665f1c2e8b3e4a0012345678"}),
+                "scalar",
+            ),
+            (
+                serde_json::json!({"_id": {"$oid": "nope"}}),
+                "Extended JSON",
+            ),
+        ] {
+            match snapshot_request(snap(Some(bad.clone()))) {
+                Err(ApiError::BadRequest(m)) => assert!(m.contains(expect), "{bad}: {m}"),
+                other => panic!("{bad}: {:?}", other.map(|(r, _)| r)),
+            }
         }
     }
 

@@ -75,6 +75,7 @@ pub(crate) fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(handlers::pause))
         .routes(routes!(handlers::resume))
         .routes(routes!(handlers::rewind))
+        .routes(routes!(handlers::snapshot))
 }
 
 /// The HTTP API, ready to serve.

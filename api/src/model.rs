@@ -20,6 +20,8 @@ pub enum WatcherState {
     Invalidated,
     Failed,
     Stopped,
+    /// Another replica owns the watcher (leases); this one takes it over if that one goes.
+    Standby,
 }
 
 impl From<State> for WatcherState {
@@ -34,6 +36,7 @@ impl From<State> for WatcherState {
             State::Invalidated => WatcherState::Invalidated,
             State::Failed => WatcherState::Failed,
             State::Stopped => WatcherState::Stopped,
+            State::Standby => WatcherState::Standby,
         }
     }
 }
@@ -136,14 +139,64 @@ pub struct WatcherView {
     /// Wall clock minus the stored checkpoint's cluster time (what a restart would replay);
     /// 0 when caught up.
     pub committed_lag_seconds: f64,
+    /// The stored checkpoint's cluster time (now when caught up) minus the oldest entry
+    /// still in the oplog, sampled every 30 s: how long before a restart can no longer
+    /// resume. Negative when history is already lost; null when unknown (no checkpoint
+    /// with a time yet, no sample yet, or `local.oplog.rs` not readable).
+    pub oplog_headroom_seconds: Option<f64>,
     /// The checkpoint this process last wrote: where a restart resumes.
     pub checkpoint: Option<CheckpointView>,
     /// The last error the watcher showed, with when.
     pub last_error: Option<LastErrorView>,
+    /// With leases: the replica that owns the watcher (null while nobody does, and without
+    /// leases).
+    pub owner: Option<String>,
     /// Times the supervisor restarted the watcher after an error.
     pub restarts: u64,
     pub counters: CountersView,
     pub flow: FlowView,
+    /// The initial snapshot (`snapshot: initial`) or an on-demand one (`POST
+    /// /watchers/{name}/snapshot`) while it copies, and after it finished in this process;
+    /// null otherwise.
+    pub snapshot: Option<SnapshotView>,
+}
+
+/// Progress of a snapshot.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SnapshotView {
+    /// `copying`, or `done` once every copied document is acknowledged and changes stream.
+    pub state: String,
+    /// Documents acknowledged by Kinesis, those copied before a restart included.
+    pub documents_copied: u64,
+    /// The collection's `estimatedDocumentCount` when the copy (re)started.
+    pub estimated_total: Option<u64>,
+    /// Documents per second since this process (re)started the copy.
+    pub documents_per_second: f64,
+    /// Seconds left at that rate; null without an estimate or a rate yet.
+    pub eta_seconds: Option<f64>,
+    /// `_id` ranges copied side by side.
+    pub ranges: usize,
+    /// The query filter of an on-demand snapshot that copies a subset (relaxed Extended JSON);
+    /// null when every document is copied.
+    #[schema(value_type = Option<Object>)]
+    pub filter: Option<serde_json::Value>,
+}
+
+impl SnapshotView {
+    fn new(s: &watchers::status::SnapshotStatus, now: DateTime) -> Self {
+        Self {
+            state: if s.done { "done" } else { "copying" }.to_owned(),
+            documents_copied: s.copied,
+            estimated_total: s.estimated_total,
+            documents_per_second: s.rate(now),
+            eta_seconds: s.eta_seconds(now),
+            ranges: s.ranges,
+            filter: s
+                .filter
+                .clone()
+                .map(|f| bson::Bson::Document(f).into_relaxed_extjson()),
+        }
+    }
 }
 
 impl WatcherView {
@@ -159,6 +212,7 @@ impl WatcherView {
             lag_seconds: status.lag_seconds(now),
             read_lag_seconds: status.read_lag_seconds(now),
             committed_lag_seconds: status.committed_lag_seconds(now),
+            oplog_headroom_seconds: status.oplog_headroom_seconds(now),
             checkpoint: status.checkpoint.clone().map(|c| CheckpointView {
                 resume_token: c.token.and_then(|t| serde_json::from_str(&t).ok()),
                 cluster_time: c.cluster_time.and_then(rfc3339),
@@ -174,9 +228,11 @@ impl WatcherView {
             paused: status.paused,
             last_event_time: status.last_event_time.and_then(rfc3339),
             last_checkpoint_at: status.last_checkpoint_at.and_then(rfc3339),
+            owner: status.owner,
             restarts: status.restarts,
             counters: status.counters.into(),
             flow: status.flow.into(),
+            snapshot: status.snapshot.as_ref().map(|s| SnapshotView::new(s, now)),
         }
     }
 }
@@ -246,4 +302,17 @@ pub struct RewindRequest {
     /// A change stream resume token (Extended JSON object) to replay after.
     #[schema(value_type = Option<Object>, examples(json!({"_data": "826..."})))]
     pub resume_token: Option<serde_json::Value>,
+}
+
+/// `POST /watchers/{name}/snapshot`: an empty body or `{}` copies every document.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// A query filter (as for `find`), in MongoDB Extended JSON, relaxed or canonical: only
+    /// the documents it matches are copied.
+    #[schema(value_type = Option<Object>, examples(
+        json!({"status": "active"}),
+        json!({"_id": {"$gte": {"$oid": "665f1c2e8b3e4a0012345678"}}})
+    ))]
+    pub filter: Option<serde_json::Value>,
 }

@@ -11,8 +11,9 @@ use utoipa::{Modify, OpenApi};
     info(
         title = "mongo-watcher",
         description = "Control plane of mongo-watcher: probes, metrics, watcher status, and \
-                       pause, resume and rewind of single watchers. Mutations need \
-                       `Authorization: Bearer <token>`; without a configured token they answer 403.",
+                       pause, resume, rewind and snapshot (backfill) of single watchers. \
+                       Mutations need `Authorization: Bearer <token>`; without a configured \
+                       token they answer 403.",
     ),
     modifiers(&BearerAuth),
     tags(

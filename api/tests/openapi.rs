@@ -34,6 +34,7 @@ fn document_is_openapi_3_1_and_covers_every_route() {
         ("/watchers/{name}/pause", "post"),
         ("/watchers/{name}/resume", "post"),
         ("/watchers/{name}/rewind", "post"),
+        ("/watchers/{name}/snapshot", "post"),
     ] {
         assert!(
             paths.get(path).and_then(|p| p.get(method)).is_some(),
@@ -42,10 +43,10 @@ fn document_is_openapi_3_1_and_covers_every_route() {
     }
     assert_eq!(
         paths.len(),
-        9,
+        10,
         "undocumented or unexpected paths: {paths:?}"
     );
-    for mutation in ["pause", "resume", "rewind"] {
+    for mutation in ["pause", "resume", "rewind", "snapshot"] {
         let op = &doc["paths"][format!("/watchers/{{name}}/{mutation}")]["post"];
         assert_eq!(
             op["security"][0]["bearer"],
@@ -53,6 +54,21 @@ fn document_is_openapi_3_1_and_covers_every_route() {
             "{mutation}"
         );
     }
+    let snapshot = &doc["paths"]["/watchers/{name}/snapshot"]["post"];
+    for code in ["202", "400", "401", "404", "409", "503"] {
+        assert!(
+            snapshot["responses"][code].is_object(),
+            "snapshot: no {code} response"
+        );
+    }
+    assert_ne!(
+        snapshot["requestBody"]["required"], true,
+        "the snapshot body is optional"
+    );
+    assert!(
+        doc["components"]["schemas"]["SnapshotRequest"]["properties"]["filter"].is_object(),
+        "the SnapshotRequest schema"
+    );
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"

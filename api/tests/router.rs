@@ -15,7 +15,7 @@ use bson::{Bson, DateTime};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt;
-use watchers::control::{Command, ControlError, RewindTarget, WatcherHandle};
+use watchers::control::{Command, ControlError, RewindTarget, SnapshotRequest, WatcherHandle};
 use watchers::metrics::Metrics;
 use watchers::record::{FieldPath, RecordFormat};
 use watchers::spec::{BatchSettings, StartAt, WatcherSpec};
@@ -31,11 +31,17 @@ fn spec(name: &str) -> Arc<WatcherSpec> {
         stream: format!("{name}-stream"),
         partition_key: FieldPath::parse("documentKey._id").expect("valid path"),
         full_document: Default::default(),
+        full_document_before_change: Default::default(),
         pipeline: Vec::new(),
         start_at: StartAt::Latest,
         on_history_lost: Default::default(),
         on_invalidate: Default::default(),
         on_oversized: Default::default(),
+        s3: None,
+        aggregation: Default::default(),
+        split_large_events: Default::default(),
+        snapshot: Default::default(),
+        snapshot_parallelism: 4,
         on_undeliverable: watchers::spec::OnUndeliverable::Fail,
         record_format: RecordFormat::default(),
         batch: BatchSettings::default(),
@@ -53,11 +59,13 @@ fn running() -> Status {
 /// Times before this are "older than the oplog window" for the fake watchers.
 const OPLOG_START_MILLIS: i64 = 1_600_000_000_000;
 
-/// A watcher task that answers commands the way the real one would.
+/// A watcher task that answers commands the way the real one would. A snapshot runs until
+/// the end of the test: a second one is refused.
 fn answer_commands(
     mut rx: mpsc::Receiver<Command>,
     status: watch::Sender<Status>,
     seen: Arc<AtomicUsize>,
+    snapshots: Arc<Mutex<Vec<SnapshotRequest>>>,
 ) {
     tokio::spawn(async move {
         while let Some(command) = rx.recv().await {
@@ -98,6 +106,30 @@ fn answer_commands(
                     }
                     let _ = reply.send(result);
                 }
+                Command::Snapshot(request, reply) => {
+                    let mut seen = snapshots.lock().expect("lock");
+                    if !seen.is_empty() {
+                        let _ = reply.send(Err(ControlError::Conflict(
+                            "a snapshot is already copying".into(),
+                        )));
+                        continue;
+                    }
+                    let filter = request.filter.clone();
+                    seen.push(request);
+                    status.send_modify(|s| {
+                        s.snapshot = Some(watchers::status::SnapshotStatus {
+                            done: false,
+                            copied: 0,
+                            copied_before: 0,
+                            estimated_total: Some(100),
+                            started_at: DateTime::now(),
+                            finished_at: None,
+                            ranges: 1,
+                            filter,
+                        })
+                    });
+                    let _ = reply.send(Ok(()));
+                }
             }
         }
     });
@@ -111,6 +143,8 @@ struct Harness {
     users: watch::Sender<Status>,
     /// Commands that reached any answering watcher.
     seen: Arc<AtomicUsize>,
+    /// Snapshot requests `orders` accepted.
+    snapshots: Arc<Mutex<Vec<SnapshotRequest>>>,
     /// Keeps the `silent` watcher's receiver open, never read.
     _silent: mpsc::Receiver<Command>,
 }
@@ -119,12 +153,17 @@ struct Harness {
 /// answers), `gone` (its task has exited).
 fn harness(token: Option<&str>) -> Harness {
     let seen = Arc::new(AtomicUsize::new(0));
+    let snapshots = Arc::new(Mutex::new(Vec::new()));
     let mut handles = Vec::new();
     let mut senders = Vec::new();
     for name in ["orders", "users"] {
         let (tx, rx) = watch::channel(running());
         let (handle, commands) = WatcherHandle::new(spec(name), rx);
-        answer_commands(commands, tx.clone(), seen.clone());
+        let accepted = match name {
+            "orders" => snapshots.clone(),
+            _ => Arc::default(),
+        };
+        answer_commands(commands, tx.clone(), seen.clone(), accepted);
         handles.push(handle);
         senders.push(tx);
     }
@@ -154,6 +193,7 @@ fn harness(token: Option<&str>) -> Harness {
         orders: senders.next().expect("orders"),
         users: senders.next().expect("users"),
         seen,
+        snapshots,
         _silent: silent_commands,
     }
 }
@@ -222,6 +262,22 @@ fn assert_json_content_type(r: &Reply) {
         Some(&b"application/json"[..]),
         "{}",
         r.text
+    );
+}
+
+/// Each body POSTed to `uri` is 400 with a JSON error containing its expected words, and none
+/// reaches a watcher.
+async fn assert_bad_requests(h: &Harness, uri: &str, cases: &[(&str, &str)]) {
+    for (body, expect) in cases {
+        let r = post(&h.router, uri, Some(TOKEN), Some(body)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
+        assert_json_content_type(&r);
+        assert!(r.error().contains(expect), "{body}: {}", r.text);
+    }
+    assert_eq!(
+        h.seen.load(Ordering::SeqCst),
+        0,
+        "no bad request reaches a watcher"
     );
 }
 
@@ -334,6 +390,7 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
             token: Some(r#"{"_data":"8263AB"}"#.into()),
             cluster_time: Some(DateTime::from_millis(1_700_000_000_000)),
         });
+        s.oplog_oldest = Some(DateTime::from_millis(1_699_999_000_000));
         s.last_error = Some((
             DateTime::from_millis(1_700_000_003_000),
             "kinesis stream `orders-stream`: nothing acknowledged".into(),
@@ -384,6 +441,7 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
             "lag_seconds": 0,
             "read_lag_seconds": 0,
             "committed_lag_seconds": 0,
+            "oplog_headroom_seconds": 1000.0,
             "checkpoint": {
                 "resume_token": {"_data": "8263AB"},
                 "cluster_time": "2023-11-14T22:13:20Z"
@@ -392,6 +450,7 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
                 "message": "kinesis stream `orders-stream`: nothing acknowledged",
                 "at": "2023-11-14T22:13:23Z"
             },
+            "owner": null,
             "restarts": 2,
             "counters": {
                 "events": 10, "records_put": 9, "put_retries": 3,
@@ -401,7 +460,8 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
                 "send_limit": 2, "calls_in_flight": 1, "pending_records": 40,
                 "pending_bytes": 40960, "records_delayed": 3,
                 "rejected": {"ProvisionedThroughputExceededException": 7}
-            }
+            },
+            "snapshot": null
         })
     );
     assert_eq!(body["watchers"][1]["last_event_time"], Value::Null);
@@ -532,7 +592,7 @@ async fn malformed_rewind_requests_are_400() {
         .try_to_rfc3339_string()
         .expect("rfc3339");
     let future_body = format!(r#"{{"to": "{future}"}}"#);
-    for (body, expect) in [
+    let cases = [
         (r#"{"to": "latest""#, "JSON"),
         (r#"{"to": "latest", "force": true}"#, "unknown field"),
         (r#"{"to": "yesterday"}"#, "RFC 3339"),
@@ -546,23 +606,8 @@ async fn malformed_rewind_requests_are_400() {
         (r#"{"to": 5}"#, "invalid type"),
         (r#"[]"#, "expected struct"),
         (r#"null"#, "invalid type"),
-    ] {
-        let r = post(
-            &h.router,
-            "/watchers/orders/rewind",
-            Some(TOKEN),
-            Some(body),
-        )
-        .await;
-        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
-        assert_json_content_type(&r);
-        assert!(r.error().contains(expect), "{body}: {}", r.text);
-    }
-    assert_eq!(
-        h.seen.load(Ordering::SeqCst),
-        0,
-        "no bad request reaches a watcher"
-    );
+    ];
+    assert_bad_requests(&h, "/watchers/orders/rewind", &cases).await;
 }
 
 /// `curl -d '{"to": "latest"}'` sends `application/x-www-form-urlencoded`; other clients send
@@ -628,6 +673,101 @@ async fn body_over_16_kib_is_413() {
     assert_json_content_type(&r);
     assert!(r.error().contains("16384"), "{}", r.text);
     assert_eq!(h.seen.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn snapshot_is_202_with_the_watcher_and_a_second_one_is_409() {
+    let h = harness(Some(TOKEN));
+    let body =
+        r#"{"filter": {"kind": "a", "_id": {"$gte": {"$oid": "665f1c2e8b3e4a0012345678"}}}}"#;
+    let r = post(
+        &h.router,
+        "/watchers/orders/snapshot",
+        Some(TOKEN),
+        Some(body),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_json_content_type(&r);
+    assert_eq!(r.json()["name"], "orders");
+    assert_eq!(r.json()["snapshot"]["state"], "copying", "{}", r.text);
+    assert_eq!(
+        r.json()["snapshot"]["filter"],
+        json!({"kind": "a", "_id": {"$gte": {"$oid": "665f1c2e8b3e4a0012345678"}}}),
+        "{}",
+        r.text
+    );
+    let oid = bson::oid::ObjectId::parse_str("665f1c2e8b3e4a0012345678").expect("oid");
+    assert_eq!(
+        *h.snapshots.lock().expect("lock"),
+        vec![SnapshotRequest {
+            filter: Some(bson::doc! {"kind": "a", "_id": {"$gte": oid}}),
+        }]
+    );
+
+    let r = post(&h.router, "/watchers/orders/snapshot", Some(TOKEN), None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    assert_json_content_type(&r);
+    assert!(r.error().contains("already copying"), "{}", r.text);
+    assert_eq!(h.seen.load(Ordering::SeqCst), 2);
+}
+
+/// No body, whitespace, `null`, `{}` and `{"filter": null}` all copy every document.
+#[tokio::test]
+async fn snapshot_without_a_filter_copies_everything() {
+    for body in [
+        None,
+        Some("null"),
+        Some(""),
+        Some(" \n"),
+        Some("{}"),
+        Some(r#"{"filter": null}"#),
+    ] {
+        let h = harness(Some(TOKEN));
+        let r = post(&h.router, "/watchers/orders/snapshot", Some(TOKEN), body).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{body:?}: {}", r.text);
+        assert_eq!(
+            *h.snapshots.lock().expect("lock"),
+            vec![SnapshotRequest { filter: None }],
+            "{body:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn malformed_snapshot_requests_are_400_and_unknown_watchers_404() {
+    let h = harness(Some(TOKEN));
+    let cases = [
+        (r#"{"filter": 5}"#, "`filter` must be a JSON object"),
+        (r#"{"filter": "kind"}"#, "`filter` must be a JSON object"),
+        (
+            r#"{"filter": [{"kind": "a"}]}"#,
+            "`filter` must be a JSON object",
+        ),
+        (
+            r#"{"filter": {"$oid": "665f1c2e8b3e4a0012345678"}}"#,
+            "`filter`",
+        ),
+        (
+            r#"{"filter": {"_id": {"$oid": "nope"}}}"#,
+            "`filter` is not valid Extended JSON",
+        ),
+        (r#"{"query": {"kind": "a"}}"#, "unknown field `query`"),
+        (r#"{"filter": {}, "limit": 5}"#, "unknown field `limit`"),
+        (r#"{"filter": {"kind": "a""#, "JSON"),
+        ("kind=a", "JSON"),
+        ("[]", "expected struct"),
+    ];
+    assert_bad_requests(&h, "/watchers/orders/snapshot", &cases).await;
+
+    let r = post(&h.router, "/watchers/nope/snapshot", Some(TOKEN), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+    assert_eq!(
+        r.json()["watchers"],
+        json!(["orders", "users", "silent", "gone"])
+    );
+    let r = post(&h.router, "/watchers/gone/snapshot", Some(TOKEN), None).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
 }
 
 #[tokio::test]
@@ -697,7 +837,7 @@ async fn a_watcher_that_is_gone_is_503() {
 async fn mutations_without_the_right_token_are_401_and_reach_no_watcher() {
     let h = harness(Some(TOKEN));
     let mut requests = Vec::new();
-    for action in ["pause", "resume", "rewind"] {
+    for action in ["pause", "resume", "rewind", "snapshot"] {
         let uri = format!("/watchers/orders/{action}");
         let body = Some(r#"{"to": "latest"}"#);
         requests.push(post(&h.router, &uri, None, body).await);
@@ -711,6 +851,16 @@ async fn mutations_without_the_right_token_are_401_and_reach_no_watcher() {
     }
     // Before the watcher lookup and the body: no 404, no 400 for an unauthenticated caller.
     requests.push(post(&h.router, "/watchers/nope/pause", None, None).await);
+    requests.push(post(&h.router, "/watchers/nope/snapshot", None, None).await);
+    requests.push(
+        post(
+            &h.router,
+            "/watchers/orders/snapshot",
+            Some("wrong"),
+            Some(r#"{"filter": 5}"#),
+        )
+        .await,
+    );
     requests.push(
         post(
             &h.router,
@@ -733,7 +883,7 @@ async fn mutations_without_the_right_token_are_401_and_reach_no_watcher() {
 #[tokio::test]
 async fn mutations_are_403_when_no_token_is_configured() {
     let h = harness(None);
-    for action in ["pause", "resume", "rewind"] {
+    for action in ["pause", "resume", "rewind", "snapshot"] {
         let uri = format!("/watchers/orders/{action}");
         let r = post(&h.router, &uri, Some(TOKEN), Some(r#"{"to": "latest"}"#)).await;
         assert_eq!(r.status, StatusCode::FORBIDDEN);
@@ -859,4 +1009,61 @@ fn liveness_goes_stale_after_15_s() {
     assert!(!l.is_alive());
     l.beat();
     assert!(l.is_alive());
+}
+
+/// `snapshot: initial` progress: copied, estimated total, rate and ETA, and `done`.
+#[tokio::test]
+async fn a_snapshot_shows_its_progress_rate_and_eta() {
+    let started = DateTime::from_millis(DateTime::now().timestamp_millis() - 10_000);
+    let (status_tx, status_rx) = watch::channel(Status {
+        state: State::Running,
+        snapshot: Some(watchers::status::SnapshotStatus {
+            done: false,
+            copied: 3_000,
+            copied_before: 1_000,
+            estimated_total: Some(10_000),
+            started_at: started,
+            finished_at: None,
+            ranges: 4,
+            filter: None,
+        }),
+        ..Status::default()
+    });
+    let (handle, _commands) = WatcherHandle::new(spec("snap"), status_rx);
+    let registry = api::registry_with_process_metrics().expect("registry");
+    let metrics = Metrics::register(&registry).expect("metrics");
+    let state = AppState::new(vec![handle], registry, metrics, Liveness::new()).expect("state");
+    let router = api::router(state);
+    let r = get(&router, "/watchers/snap").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let snap = &r.json()["snapshot"];
+    assert_eq!(snap["state"], "copying", "{}", r.text);
+    assert_eq!(snap["documents_copied"], 3_000);
+    assert_eq!(snap["estimated_total"], 10_000);
+    assert_eq!(snap["ranges"], 4);
+    assert_eq!(snap["filter"], Value::Null);
+    // 2000 copied by this process in about 10 s: about 200/s, 7000 left: about 35 s.
+    let rate = snap["documents_per_second"].as_f64().unwrap();
+    assert!((150.0..=210.0).contains(&rate), "{rate}");
+    let eta = snap["eta_seconds"].as_f64().unwrap();
+    assert!((30.0..=50.0).contains(&eta), "{eta}");
+    let metrics = get(&router, "/metrics").await;
+    assert!(
+        metrics
+            .text
+            .contains("mongo_watcher_snapshot_progress_ratio{watcher=\"snap\"} 0.3"),
+        "{}",
+        metrics.text
+    );
+    status_tx.send_modify(|s| {
+        if let Some(snap) = s.snapshot.as_mut() {
+            snap.done = true;
+            snap.finished_at = Some(DateTime::now());
+        }
+    });
+    let r = get(&router, "/watchers/snap").await;
+    assert_eq!(r.json()["snapshot"]["state"], "done");
+    assert_eq!(r.json()["snapshot"]["eta_seconds"], 0.0);
+    let r = get(&router, "/watchers").await;
+    assert!(r.text.contains("\"snapshot\""), "{}", r.text);
 }

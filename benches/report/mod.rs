@@ -21,7 +21,9 @@ use mongodb::options::FullDocumentType;
 use serde_json::json;
 
 use super::support::*;
-use super::{env_usize, metric, pause, resume, start_watcher, watch, Calls, Env, Tail, WAIT};
+use super::{
+    env_usize, metric, pause, resume, start_watcher, watch, watch_with, Calls, Env, Tail, WAIT,
+};
 
 /// How long the slow parts (1,000 watchers starting, a throttled backlog) may take.
 const LONG_WAIT: Duration = Duration::from_secs(300);
@@ -43,6 +45,12 @@ struct Sizes {
     updates: usize,
     update_rate: usize,
     update_keys: usize,
+    /// Scenario 10: updates of the one hot document, and small updates over `small_keys`.
+    hot_updates: usize,
+    small_updates: usize,
+    small_keys: usize,
+    /// Scenario 11: documents copied by `snapshot: initial`.
+    snapshot_docs: usize,
     /// Scenario numbers to run (`BENCH_SCENARIOS`, default all).
     scenarios: Vec<u8>,
 }
@@ -55,10 +63,10 @@ impl Sizes {
                 .map(|s| {
                     s.trim()
                         .parse()
-                        .unwrap_or_else(|_| panic!("BENCH_SCENARIOS={v:?}: numbers 1 to 9"))
+                        .unwrap_or_else(|_| panic!("BENCH_SCENARIOS={v:?}: numbers 1 to 11"))
                 })
                 .collect(),
-            Err(_) => (1..=9).collect(),
+            Err(_) => (1..=11).collect(),
         };
         let s = Self {
             runs: env_usize("BENCH_RUNS", 3),
@@ -75,6 +83,10 @@ impl Sizes {
             updates: env_usize("BENCH_UPDATES", 1_500),
             update_rate: env_usize("BENCH_UPDATE_RATE", 400),
             update_keys: env_usize("BENCH_UPDATE_KEYS", 50),
+            hot_updates: env_usize("BENCH_HOT_UPDATES", 2_000),
+            small_updates: env_usize("BENCH_SMALL_UPDATES", 20_000),
+            small_keys: env_usize("BENCH_SMALL_KEYS", 50),
+            snapshot_docs: env_usize("BENCH_SNAPSHOT_DOCS", 20_000),
             scenarios,
         };
         assert!(
@@ -89,7 +101,11 @@ impl Sizes {
                 && s.throttle_docs > 0
                 && s.updates > 0
                 && s.update_rate > 0
-                && s.update_keys > 0,
+                && s.update_keys > 0
+                && s.hot_updates > 0
+                && s.small_updates > 0
+                && s.small_keys > 0
+                && s.snapshot_docs > 0,
             "sizes must be positive: {s:?}"
         );
         s
@@ -150,7 +166,7 @@ const FIGS: &[Fig] = &[
     fig(
         "put_seq",
         1,
-        "bare PutRecords, 500 x 1 KiB, 1 call at a time",
+        "bare PutRecords of the watcher's records, 500 a call, 1 at a time",
         "records/s",
         None,
         0,
@@ -158,7 +174,7 @@ const FIGS: &[Fig] = &[
     fig(
         "put_par",
         1,
-        "bare PutRecords, 500 x 1 KiB, 4 calls in flight",
+        "bare PutRecords of the watcher's records, 500 a call, 4 in flight",
         "records/s",
         None,
         0,
@@ -367,9 +383,105 @@ const FIGS: &[Fig] = &[
         Some((Cmp::Eq, 0.0)),
         0,
     ),
+    fig(
+        "agg_hot_none",
+        10,
+        "one hot document, `aggregation: none` (one event per round trip)",
+        "events/s",
+        None,
+        0,
+    ),
+    fig(
+        "agg_hot_kpl",
+        10,
+        "one hot document, `aggregation: kpl`",
+        "events/s",
+        None,
+        0,
+    ),
+    fig(
+        "agg_hot_ratio",
+        10,
+        "hot document, kpl / none",
+        "",
+        Some((Cmp::Ge, 10.0)),
+        1,
+    ),
+    fig(
+        "agg_small_none",
+        10,
+        "small updates over few keys, one shard held to 1,000 records/s and 1 MiB/s, `none`",
+        "events/s",
+        None,
+        0,
+    ),
+    fig(
+        "agg_small_kpl",
+        10,
+        "the same, `aggregation: kpl`",
+        "events/s",
+        None,
+        0,
+    ),
+    fig(
+        "agg_small_records",
+        10,
+        "the same with kpl: Kinesis records written",
+        "records/s",
+        None,
+        0,
+    ),
+    fig(
+        "agg_small_ratio",
+        10,
+        "small updates, kpl / none",
+        "",
+        None,
+        1,
+    ),
+    fig(
+        "agg_bad",
+        10,
+        "events missing or out of order (all four runs, read back deaggregated)",
+        "events",
+        Some((Cmp::Eq, 0.0)),
+        0,
+    ),
+    fig(
+        "snap_rate",
+        11,
+        "`snapshot: initial` with `snapshot_parallelism: 4` copying a collection of 1 KiB documents, start until all acknowledged",
+        "documents/s",
+        None,
+        0,
+    ),
+    fig(
+        "snap_ratio",
+        11,
+        "snapshot rate / streaming backlog rate (2) of the same run",
+        "",
+        None,
+        2,
+    ),
+    fig(
+        "snap_rate_1",
+        11,
+        "the same copy with `snapshot_parallelism: 1` (one range, the default)",
+        "documents/s",
+        None,
+        0,
+    ),
+    fig(
+        "snap_parallel_gain",
+        11,
+        "4 ranges / 1 range, same run",
+        "",
+        None,
+        2,
+    ),
 ];
 
-const TITLES: [&str; 10] = [
+const TITLES: [&str; 12] = [
     "",
     "Emulator ceiling",
     "End-to-end backlog rate",
@@ -380,6 +492,8 @@ const TITLES: [&str; 10] = [
     "DynamoDB writes and PutRecords calls",
     "Throttling A: one hot shard",
     "Throttling B: random record and call failures",
+    "Aggregation: a hot document, and small events against a shard's limits",
+    "Initial snapshot",
 ];
 
 fn met(target: (Cmp, f64), v: f64) -> bool {
@@ -555,15 +669,6 @@ async fn operation_time(client: &mongodb::Client) -> bson::Timestamp {
         .unwrap_or_else(|_| panic!("ping answered without operationTime: {r}"))
 }
 
-/// A record of `bytes` bytes of JSON.
-fn record_bytes(i: usize, bytes: usize) -> Vec<u8> {
-    let head = format!("{{\"i\":{i},\"pad\":\"");
-    let mut v = head.into_bytes();
-    v.resize(bytes.saturating_sub(2).max(v.len()), b'x');
-    v.extend_from_slice(b"\"}");
-    v
-}
-
 fn entry(key: String, data: Vec<u8>) -> PutRecordsRequestEntry {
     PutRecordsRequestEntry::builder()
         .partition_key(key)
@@ -591,19 +696,19 @@ async fn put_call(aws: &Aws, stream: &str, records: Vec<PutRecordsRequestEntry>)
     took
 }
 
-/// Records/s of `n` records of `bytes` bytes (distinct partition keys) in calls of 500 with
-/// `in_flight` calls at once, to a new stream.
-async fn put_ceiling(aws: &Aws, shards: i32, n: usize, bytes: usize, in_flight: usize) -> f64 {
+/// Records/s of `records` (partition key, data) in calls of 500 with `in_flight` calls at
+/// once, to a new stream.
+async fn put_ceiling(
+    aws: &Aws,
+    shards: i32,
+    records: &[(String, Vec<u8>)],
+    in_flight: usize,
+) -> f64 {
     let stream = unique("bench-put");
     aws.create_stream(&stream, shards).await;
-    let calls: Vec<Vec<PutRecordsRequestEntry>> = (0..n)
-        .collect::<Vec<_>>()
+    let calls: Vec<Vec<PutRecordsRequestEntry>> = records
         .chunks(500)
-        .map(|c| {
-            c.iter()
-                .map(|&i| entry(i.to_string(), record_bytes(i, bytes)))
-                .collect()
-        })
+        .map(|c| c.iter().map(|(k, d)| entry(k.clone(), d.clone())).collect())
         .collect();
     let t = Instant::now();
     let stream = &stream;
@@ -612,7 +717,26 @@ async fn put_ceiling(aws: &Aws, shards: i32, n: usize, bytes: usize, in_flight: 
         .buffer_unordered(in_flight)
         .collect::<Vec<_>>()
         .await;
-    n as f64 / t.elapsed().as_secs_f64()
+    records.len() as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The records mongo-watcher makes of these events with its defaults (partition key
+/// `documentKey._id`, relaxed Extended JSON): the bare PutRecords of the ceiling send the same
+/// bytes and keys as the watcher does.
+fn watcher_records(events: &[RawDocumentBuf]) -> Vec<(String, Vec<u8>)> {
+    let key = watchers::record::FieldPath::parse("documentKey._id").expect("key path");
+    events
+        .iter()
+        .map(|raw| {
+            let r = watchers::record::EventRecord::from_raw(
+                raw,
+                &key,
+                watchers::record::RecordFormat::Relaxed,
+            )
+            .expect("a bench event encodes");
+            (r.partition_key, r.data)
+        })
+        .collect()
 }
 
 fn start_env() -> (Mongo, Moto) {
@@ -697,29 +821,48 @@ async fn backlog_scenarios(e: Arc<Env>, s: Sizes, r: &mut RunResult) {
         let mut bare = bare;
         let t = Instant::now();
         let mut seen = 0;
+        let mut events = Vec::with_capacity(n);
         while seen < n {
             match tokio::time::timeout(WAIT, bare.next()).await {
-                Ok(Some(Ok(_))) => seen += 1,
+                Ok(Some(Ok(event))) => {
+                    seen += 1;
+                    events.push(event);
+                }
                 Ok(Some(Err(err))) => panic!("bare reader: {err}"),
                 Ok(None) => panic!("bare reader: stream ended after {seen} events"),
                 Err(_) => panic!("bare reader: no event for {WAIT:?} after {seen}"),
             }
         }
-        n as f64 / t.elapsed().as_secs_f64()
+        (n as f64 / t.elapsed().as_secs_f64(), events)
     })
     .await;
-    // 1b: bare PutRecords, 1 and 4 calls in flight.
+    let (read, events) = match read {
+        Ok((rate, events)) => (Ok(rate), events),
+        Err(err) => (Err(err), Vec::new()),
+    };
+    // 1b: bare PutRecords of the watcher's own records, 1 and 4 calls in flight.
     let e1 = e.clone();
-    let (shards, bytes) = (s.shards, s.doc_bytes);
+    let shards = s.shards;
     let put = attempt("1b bare PutRecords", async move {
-        let seq = put_ceiling(&e1.aws, shards, n, bytes, 1).await;
-        let par = put_ceiling(&e1.aws, shards, n, bytes, 4).await;
-        (seq, par)
+        assert!(!events.is_empty(), "no events read for the bare PutRecords");
+        let records = watcher_records(&events);
+        let mean = records
+            .iter()
+            .map(|(k, d)| k.len() + d.len())
+            .sum::<usize>()
+            / records.len();
+        let seq = put_ceiling(&e1.aws, shards, &records, 1).await;
+        let par = put_ceiling(&e1.aws, shards, &records, 4).await;
+        (seq, par, mean)
     })
     .await;
     let mut ceiling = None;
     match (&read, &put) {
-        (Ok(read), Ok((seq, par))) => {
+        (Ok(read), Ok((seq, par, mean))) => {
+            r.notes.push(format!(
+                "bare PutRecords sent the watcher's own records of these events ({mean} B \
+                 with the key on average)"
+            ));
             r.set("read_ceiling", *read);
             r.set("put_seq", *seq);
             r.set("put_par", *par);
@@ -950,28 +1093,46 @@ async fn latency(e: Arc<Env>, s: Sizes) -> (Vec<(&'static str, f64)>, String) {
 
 /// Scenario 6: `n` watchers, each on its own collection, on a SecantusDB allowing enough
 /// connections: spawn until `/readyz` answers 200, and the RSS then.
-async fn many_watchers(e: Arc<Env>, n: usize) -> (f64, f64) {
+async fn many_watchers(n: usize) -> (f64, f64) {
     let max = n + 200;
     let (mongo_port, _server) = start_listening_script(
         "benches/secantus_server.py",
         &["--port", "0", "--max-connections", &max.to_string()],
         "secantus (many watchers)",
     );
+    // Its own moto too: after the other scenarios, moto's DynamoDB answers the 2,000 calls of
+    // 1,000 first starts (a load and a first write each) more slowly (15.8 s against 6.6 s
+    // on a fresh one, one run each), which says more about moto than about the watcher.
+    let moto = Moto::start();
+    let aws = Aws::new(&moto).await;
     let table = unique("bench-many-cps");
-    e.aws.create_checkpoint_table(&table).await;
+    aws.create_checkpoint_table(&table).await;
     let stream = unique("bench-many");
-    e.aws.create_stream(&stream, 1).await;
+    aws.create_stream(&stream, 1).await;
     let port = free_port();
+    // `BENCH_MANY_EXTRA`: watcher settings added to each of them (YAML lines, `\n`-separated),
+    // e.g. "    split_large_events: off\n" to compare a setting's cost at start.
+    let extra = std::env::var("BENCH_MANY_EXTRA")
+        .unwrap_or_default()
+        .replace("\\n", "\n");
     let watchers: String = (0..n)
-        .map(|i| watcher_yaml(&format!("w{i}"), "many", &format!("c{i}"), &stream, ""))
+        .map(|i| watcher_yaml(&format!("w{i}"), "many", &format!("c{i}"), &stream, &extra))
         .collect();
+    // `BENCH_MANY_URI`: options added to the connection string, e.g. "&maxConnecting=16".
+    let uri_extra = std::env::var("BENCH_MANY_URI").unwrap_or_default();
+    // `BENCH_MANY_TABLE=0`: no checkpoint table (no DynamoDB call at start), to tell the
+    // watcher's and SecantusDB's share of the start from moto's.
+    let checkpoints = match std::env::var("BENCH_MANY_TABLE").as_deref() {
+        Ok("0") => String::new(),
+        _ => format!("checkpoints:\n  table: {table}\n"),
+    };
     let cfg = format!(
-        "mongodb:\n  uri: \"mongodb://127.0.0.1:{mongo_port}/?directConnection=true\"\n\
-         checkpoints:\n  table: {table}\nhttp:\n  listen: 127.0.0.1:{port}\nwatchers:\n{watchers}"
+        "mongodb:\n  uri: \"mongodb://127.0.0.1:{mongo_port}/?directConnection=true{uri_extra}\"\n\
+         {checkpoints}http:\n  listen: 127.0.0.1:{port}\nwatchers:\n{watchers}"
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let started = Instant::now();
-    let mut w = start_watcher(dir.path(), &cfg, &e.moto.endpoint());
+    let mut w = start_watcher(dir.path(), &cfg, &moto.endpoint());
     let pid = w.pid().expect("running");
     let mut last = String::new();
     loop {
@@ -1142,6 +1303,208 @@ async fn throttle_b(e: Arc<Env>, proxy: Arc<Proxy>, s: Sizes, faults: bool) -> T
     }
 }
 
+struct AggRun {
+    events_per_s: f64,
+    /// Kinesis records written per second (acknowledged ones, as the stream holds them).
+    records_per_s: f64,
+    /// Events missing, or arriving before an earlier version of their document.
+    bad: usize,
+}
+
+/// Scenario 10, one run: `updates` `$inc` updates round-robin over `keys` documents, written
+/// while the watcher is paused, then timed from the resume until every event is readable
+/// (deaggregated); `limit` puts the stream's one shard behind the proxy's `shard_limit`.
+async fn aggregation_run(
+    e: Arc<Env>,
+    proxy: Arc<Proxy>,
+    updates: usize,
+    keys: usize,
+    kpl: bool,
+    limit: bool,
+) -> AggRun {
+    proxy.reset();
+    if limit {
+        proxy.rules(json!({"shard_limit": {
+            "of": 1, "records_per_s": 1000, "bytes_per_s": 1_048_576
+        }}));
+    }
+    let stream = unique("bench-agg");
+    e.aws.create_stream(&stream, 1).await;
+    let coll_name = unique("agg");
+    let c = coll(&e, &coll_name);
+    let key = |k: usize| format!("k{k:03}");
+    let docs: Vec<Document> = (0..keys)
+        .map(|k| doc! {"_id": key(k), "n": 0_i64})
+        .collect();
+    c.insert_many(docs).await.expect("insert the documents");
+    let extra = if kpl { "    aggregation: kpl\n" } else { "" };
+    let (_w, port, _dir) =
+        watch_with(&e, "agg", &coll_name, &stream, &proxy.endpoint(), extra).await;
+    pause(port, "agg");
+    // Each key has one writer task, so its updates are written in order.
+    const WRITERS: usize = 4;
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for i in (0..updates).filter(|i| (i % keys) % WRITERS == w) {
+                    c.update_one(
+                        doc! {"_id": format!("k{:03}", i % keys)},
+                        doc! {"$inc": {"n": 1_i64}},
+                    )
+                    .await
+                    .expect("update");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("writer task");
+    }
+    let mut tail = Tail::new(&e.aws, &stream).await;
+    tail.poll(&e.aws).await;
+    let records_before = tail.records.len();
+    let acked_before = metric(port, "mongo_watcher_records_put_total", "agg");
+    let started = Instant::now();
+    resume(port, "agg");
+    let deadline = started + LONG_WAIT;
+    loop {
+        let acked = metric(port, "mongo_watcher_records_put_total", "agg") - acked_before;
+        if acked >= updates as f64 {
+            tail.poll(&e.aws).await;
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "aggregation (kpl: {kpl}): {acked} of {updates} events acknowledged after {LONG_WAIT:?}"
+        );
+        tokio::time::sleep(super::poll_interval()).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let records = tail.records.len() - records_before;
+    let mut per_key: HashMap<String, Vec<i64>> = HashMap::new();
+    for j in tail.users() {
+        if let (Some(k), Some(n)) = (
+            j["documentKey"]["_id"].as_str(),
+            j["updateDescription"]["updatedFields"]["n"].as_i64(),
+        ) {
+            per_key.entry(k.to_owned()).or_default().push(n);
+        }
+    }
+    let bad = (0..keys)
+        .map(|k| {
+            let expected = (updates / keys + usize::from(k < updates % keys)) as i64;
+            let got = per_key.remove(&key(k)).unwrap_or_default();
+            // First arrivals must be exactly 1..=expected.
+            let mut firsts = Vec::new();
+            for n in got {
+                if !firsts.contains(&n) {
+                    firsts.push(n);
+                }
+            }
+            let want: Vec<i64> = (1..=expected).collect();
+            if firsts == want {
+                0
+            } else {
+                want.len().abs_diff(firsts.len()).max(1)
+            }
+        })
+        .sum();
+    AggRun {
+        events_per_s: updates as f64 / secs,
+        records_per_s: records as f64 / secs,
+        bad,
+    }
+}
+
+/// Scenario 10: a hot document and many small events, each with and without aggregation.
+async fn aggregation(e: Arc<Env>, s: &Sizes, r: &mut RunResult) {
+    let proxy = Arc::new(Proxy::start(&e.moto));
+    let mut runs = Vec::new();
+    for (updates, keys, limit) in [
+        (s.hot_updates, 1, false),
+        (s.small_updates, s.small_keys, true),
+    ] {
+        for kpl in [false, true] {
+            let label = format!("10 aggregation ({keys} keys, kpl: {kpl})");
+            let run = aggregation_run(e.clone(), proxy.clone(), updates, keys, kpl, limit);
+            match attempt(&label, run).await {
+                Ok(run) => runs.push(run),
+                Err(err) => {
+                    r.errors.insert(10, err);
+                    return;
+                }
+            }
+        }
+    }
+    let [hot_none, hot_kpl, small_none, small_kpl] = &runs[..] else {
+        return;
+    };
+    r.set("agg_hot_none", hot_none.events_per_s);
+    r.set("agg_hot_kpl", hot_kpl.events_per_s);
+    r.set(
+        "agg_hot_ratio",
+        hot_kpl.events_per_s / hot_none.events_per_s,
+    );
+    r.set("agg_small_none", small_none.events_per_s);
+    r.set("agg_small_kpl", small_kpl.events_per_s);
+    r.set("agg_small_records", small_kpl.records_per_s);
+    r.set(
+        "agg_small_ratio",
+        small_kpl.events_per_s / small_none.events_per_s,
+    );
+    r.set("agg_bad", runs.iter().map(|a| a.bad as f64).sum());
+}
+
+/// Scenario 11: `docs` documents of `bytes` bytes written before the watcher starts with
+/// `snapshot: initial`; documents/s from the process start until every copied record is
+/// acknowledged (the watcher's `/metrics`), and checked: every document once in the stream.
+async fn snapshot_rate(
+    e: Arc<Env>,
+    docs: usize,
+    bytes: usize,
+    shards: i32,
+    parallelism: usize,
+) -> f64 {
+    let stream = unique("bench-snap");
+    e.aws.create_stream(&stream, shards).await;
+    let coll_name = unique("snap");
+    write_backlog(&coll(&e, &coll_name), 0..docs as i64, bytes).await;
+    let started = Instant::now();
+    let (_w, port, _dir) = watch_with(
+        &e,
+        "snap",
+        &coll_name,
+        &stream,
+        &e.moto.endpoint(),
+        &format!("    snapshot: initial\n    snapshot_parallelism: {parallelism}\n"),
+    )
+    .await;
+    let deadline = started + LONG_WAIT;
+    loop {
+        let acked = metric(port, "mongo_watcher_records_put_total", "snap");
+        if acked >= docs as f64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "snapshot: {acked} of {docs} documents acknowledged after {LONG_WAIT:?}"
+        );
+        tokio::time::sleep(super::poll_interval()).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let mut tail = Tail::new(&e.aws, &stream).await;
+    tail.poll(&e.aws).await;
+    let ids: std::collections::HashSet<i64> = tail
+        .json()
+        .iter()
+        .filter(|j| j["operationType"] == "snapshot")
+        .filter_map(|j| j["documentKey"]["_id"].as_i64())
+        .collect();
+    assert_eq!(ids.len(), docs, "snapshot: every document copied");
+    docs as f64 / secs
+}
+
 /// One run of every selected scenario on fresh servers.
 async fn one_run(s: &Sizes, run: usize) -> RunResult {
     eprintln!("== run {run} of {}", s.runs);
@@ -1217,8 +1580,37 @@ async fn one_run(s: &Sizes, run: usize) -> RunResult {
             }
         }
     }
+    if s.wants(10) {
+        aggregation(e.clone(), s, &mut r).await;
+    }
+    if s.wants(11) {
+        let run = snapshot_rate(e.clone(), s.snapshot_docs, s.doc_bytes, s.shards, 4);
+        match attempt("11 initial snapshot", run).await {
+            Ok(rate) => {
+                r.set("snap_rate", rate);
+                if let Some(&stream) = r.values.get("e2e") {
+                    r.set("snap_ratio", rate / stream);
+                }
+            }
+            Err(err) => {
+                r.errors.insert(11, err);
+            }
+        }
+        let run = snapshot_rate(e.clone(), s.snapshot_docs, s.doc_bytes, s.shards, 1);
+        match attempt("11 initial snapshot, one range", run).await {
+            Ok(rate) => {
+                r.set("snap_rate_1", rate);
+                if let Some(&four) = r.values.get("snap_rate") {
+                    r.set("snap_parallel_gain", four / rate);
+                }
+            }
+            Err(err) => {
+                r.errors.insert(11, err);
+            }
+        }
+    }
     if s.wants(6) {
-        match attempt("6 many watchers", many_watchers(e.clone(), s.watchers)).await {
+        match attempt("6 many watchers", many_watchers(s.watchers)).await {
             Ok((ready, rss)) => {
                 r.set("ready_ms", ready);
                 r.set("rss_mib", rss);
@@ -1337,7 +1729,9 @@ fn render(s: &Sizes, runs: &[RunResult], total: Duration) -> String {
         w,
         "| sizes | backlog {} x {} B (`BENCH_BACKLOG`, `BENCH_DOC_BYTES`); old loop {} events; \
          {} shards; latency {} events/s for {} s; {} watchers; throttling A {} x {} B; \
-         throttling B {} updates at {}/s over {} keys |",
+         throttling B {} updates at {}/s over {} keys; aggregation {} updates of one \
+         document (`BENCH_HOT_UPDATES`) and {} over {} keys (`BENCH_SMALL_UPDATES`, \
+         `BENCH_SMALL_KEYS`); snapshot {} documents (`BENCH_SNAPSHOT_DOCS`) |",
         s.backlog,
         s.doc_bytes,
         s.old_events.min(s.backlog),
@@ -1349,7 +1743,11 @@ fn render(s: &Sizes, runs: &[RunResult], total: Duration) -> String {
         s.throttle_bytes,
         s.updates,
         s.update_rate,
-        s.update_keys
+        s.update_keys,
+        s.hot_updates,
+        s.small_updates,
+        s.small_keys,
+        s.snapshot_docs
     );
     let _ = writeln!(w);
     let _ = writeln!(w, "## Figures\n");
@@ -1485,7 +1883,13 @@ fn render(s: &Sizes, runs: &[RunResult], total: Duration) -> String {
          - Throttling (8, 9) goes through `tests/support/kinesis_proxy.py` in both halves, so its \
          ratios compare like with like; (8) uses the proxy's `fail_shard` rule, (9) \
          `fail_record_rate: 0.25` and `fail_call_rate: 0.1`. Time (9) runs from the first update \
-         until the last record is readable."
+         until the last record is readable.\n\
+         - Aggregation (10): the updates are written while the watcher is paused, then timed from \
+         the resume until all are acknowledged, and read back deaggregated (every version once, \
+         in order per document). The hot document goes straight to moto; the small updates go \
+         through the proxy's `shard_limit` rule (1,000 records/s and 1 MiB/s on the stream's one \
+         shard, Kinesis's per-shard limits), so without aggregation they are throttled as on \
+         AWS."
     );
     for (i, r) in runs.iter().enumerate() {
         for n in &r.notes {
@@ -1570,8 +1974,17 @@ pub async fn smoke() {
          none lost or duplicated",
         a.rejected, a.rate
     );
+    // Scenario 10's aggregated hot document at a tiny size.
+    let proxy = Arc::new(Proxy::start(&e.moto));
+    let agg = aggregation_run(e.clone(), proxy, n, 1, true, false).await;
+    assert_eq!(agg.bad, 0, "smoke: aggregation lost or reordered events");
     println!(
-        "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in {:.2}s",
+        "bench smoke: one hot document, aggregation kpl, {n} updates at {:.0} events/s in \
+         {:.0} Kinesis records/s, in order",
+        agg.events_per_s, agg.records_per_s
+    );
+    println!(
+        "test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in {:.2}s",
         started.elapsed().as_secs_f64()
     );
 }

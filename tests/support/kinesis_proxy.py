@@ -40,6 +40,17 @@ Rules (defaults shown):
                            shard i covers [i*2^128/n, (i+1)*2^128/n) (how a new
                            stream's range is split evenly; ExplicitHashKey is
                            not considered)
+  shard_limit       null   {"of": n, "records_per_s": r, "bytes_per_s": b}:
+                           Kinesis's per-shard write limits (1,000 records/s
+                           and 1 MiB/s on AWS) for a stream of n evenly split
+                           shards (hash as fail_shard): each shard has a token
+                           bucket per limit holding one second's worth, and an
+                           entry that would be forwarded but finds either
+                           bucket empty is NOT forwarded and reported failed
+                           with ProvisionedThroughputExceededException
+                           (counted in records_failed and records_throttled).
+                           An entry's bytes are its data plus its partition
+                           key. bytes_per_s may be null (no byte limit).
   dynamo_hold       null   {"target": "PutItem", "count": 1, "hold_ms": 6000,
                            "then": "answer"}: the next `count` calls whose
                            X-Amz-Target operation is `target` (any service,
@@ -50,6 +61,16 @@ Rules (defaults shown):
                            early on reset or client disconnect.  count (default
                            1) counts down in GET /_proxy/rules; hold_ms
                            defaults to 0, then to "answer".
+  access_denied     []     ["PutRecords", "GetItem", ...]: every call whose
+                           X-Amz-Target operation is listed (any service:
+                           Kinesis, DynamoDB, SSM GetParameter) is answered
+                           as IAM refuses it, without reaching the upstream:
+                           HTTP 400, {"__type": "AccessDeniedException",
+                           "message": "User: ... is not authorized to perform:
+                           <service>:<operation> on resource: <arn> ..."}, as
+                           long as the rule stands (until the rules are
+                           replaced or reset).  Counted in stats
+                           access_denied.
   seed              null   RNG seed (the RNG is re-created on every rules POST)
 """
 
@@ -101,7 +122,9 @@ DEFAULT_RULES = {
     "hold": False,
     "fail_keys": {},
     "fail_shard": None,
+    "shard_limit": None,
     "dynamo_hold": None,
+    "access_denied": [],
     "seed": None,
 }
 
@@ -111,10 +134,12 @@ STAT_KEYS = (
     "records_forwarded",
     "records_failed",
     "records_ack_lost",
+    "records_throttled",
     "held_calls",
     "held_total",
     "other_calls",
     "dynamo_held",
+    "access_denied",
 )
 
 VERBOSE = False
@@ -179,11 +204,59 @@ def validate_rules(raw: object) -> dict:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
             raise RuleError("fail_shard.rate must be a number in [0, 1]")
         rules["fail_shard"] = {"shard": shard, "of": of, "rate": float(rate)}
+    sl = rules["shard_limit"]
+    if sl is not None:
+        if not isinstance(sl, dict) or not {"of", "records_per_s"} <= set(sl) \
+                or not set(sl) <= {"of", "records_per_s", "bytes_per_s"}:
+            raise RuleError('shard_limit must be null or {"of": n, "records_per_s": r, '
+                            '"bytes_per_s": b}')
+        of, rps, bps = sl["of"], sl["records_per_s"], sl.get("bytes_per_s")
+        if isinstance(of, bool) or not isinstance(of, int) or of < 1:
+            raise RuleError("shard_limit.of must be a positive int")
+        if isinstance(rps, bool) or not isinstance(rps, (int, float)) or rps <= 0:
+            raise RuleError("shard_limit.records_per_s must be a positive number")
+        if bps is not None and (isinstance(bps, bool) or not isinstance(bps, (int, float))
+                                or bps <= 0):
+            raise RuleError("shard_limit.bytes_per_s must be null or a positive number")
+        rules["shard_limit"] = {"of": of, "records_per_s": float(rps),
+                                "bytes_per_s": None if bps is None else float(bps)}
     seed = rules["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, str))):
         raise RuleError("seed must be null, an int or a string")
     rules["dynamo_hold"] = validate_dynamo_hold(rules["dynamo_hold"])
+    ad = rules["access_denied"]
+    if ad is None:
+        ad = []
+    if not isinstance(ad, list) or not all(
+        isinstance(op, str) and op and "." not in op for op in ad
+    ):
+        raise RuleError("access_denied must be a list of operation names such as PutRecords")
+    rules["access_denied"] = list(ad)
     return rules
+
+
+# X-Amz-Target prefixes -> IAM service prefixes, and the request field naming the resource.
+SERVICES = {
+    "Kinesis_20131202": ("kinesis", "StreamName", "stream/"),
+    "DynamoDB_20120810": ("dynamodb", "TableName", "table/"),
+    "AmazonSSM": ("ssm", "Name", "parameter"),
+}
+
+
+def access_denied_message(target: str, body: bytes | None) -> str:
+    """The words IAM uses when no policy allows the call."""
+    prefix, _, op = target.rpartition(".")
+    service, field, kind = SERVICES.get(prefix, (prefix.lower() or "aws", "", ""))
+    try:
+        name = json.loads(body or b"{}").get(field, "") if field else ""
+    except (ValueError, AttributeError):
+        name = ""
+    if kind == "parameter" and not str(name).startswith("/"):
+        name = "/" + str(name)
+    resource = f"arn:aws:{service}:us-east-1:123456789012:{kind}{name}"
+    return (f"User: arn:aws:sts::123456789012:assumed-role/mongo-watcher-task/injected is not "
+            f"authorized to perform: {service}:{op} on resource: {resource} because no "
+            f"identity-based policy allows the {service}:{op} action")
 
 
 def validate_dynamo_hold(dh: object) -> dict | None:
@@ -211,6 +284,15 @@ def shard_of(partition_key: str, shards: int) -> int:
     return (int.from_bytes(hashlib.md5(partition_key.encode()).digest(), "big") * shards) >> 128
 
 
+def entry_bytes(rec: dict) -> int:
+    """What a PutRecords entry counts against a shard's byte limit: data plus partition key."""
+    data = rec.get("Data")
+    size = 0
+    if isinstance(data, str):
+        size = len(data) * 3 // 4 - data[-2:].count("=")
+    return size + len(rec.get("PartitionKey") or "")
+
+
 class State:
     """Rules, RNG and counters, shared by all handler threads."""
 
@@ -222,11 +304,33 @@ class State:
         self.stats = {k: 0 for k in STAT_KEYS}
         # Bumped whenever held calls must be released (hold -> false, reset).
         self.release_gen = 0
+        # shard_limit's buckets: shard index -> [records, bytes, last refill (monotonic s)].
+        self.buckets: dict[int, list[float]] = {}
+
+    def take_shard_tokens(self, key: str, size: int) -> bool:
+        """shard_limit: whether the key's shard has a record and `size` bytes left this
+        second (taking them); call with the lock held."""
+        sl = self.rules["shard_limit"]
+        now = time.monotonic()
+        rps, bps = sl["records_per_s"], sl["bytes_per_s"]
+        b = self.buckets.setdefault(shard_of(key, sl["of"]), [rps, bps or 0.0, now])
+        elapsed = now - b[2]
+        b[0] = min(rps, b[0] + elapsed * rps)
+        if bps is not None:
+            b[1] = min(bps, b[1] + elapsed * bps)
+        b[2] = now
+        if b[0] < 1 or (bps is not None and b[1] < size):
+            return False
+        b[0] -= 1
+        if bps is not None:
+            b[1] -= size
+        return True
 
     def set_rules(self, rules: dict) -> None:
         with self.cond:
             was_hold = self.rules["hold"]
             self.rules = rules
+            self.buckets = {}
             self.rng = random.Random(rules["seed"]) if rules["seed"] is not None else random.Random()
             if was_hold and not rules["hold"]:
                 self.release_gen += 1
@@ -235,6 +339,7 @@ class State:
     def reset(self) -> None:
         with self.cond:
             self.rules = copy.deepcopy(DEFAULT_RULES)
+            self.buckets = {}
             self.rng = random.Random()
             held = self.stats["held_calls"]
             self.stats = {k: 0 for k in STAT_KEYS}
@@ -420,6 +525,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._control(path.split("?", 1)[0], body)
             return
         target = self.headers.get("X-Amz-Target", "")
+        if self._deny(target, body):
+            return
         if self.command == "POST" and target.endswith(".PutRecords"):
             self._put_records(body or b"")
             return
@@ -440,6 +547,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._send_aws_error(502, "InternalFailure", f"proxy upstream error: {e}")
             return
         self._relay(*res)
+
+    # ---------------------------------------------------------- access_denied
+    def _deny(self, target: str, body: bytes | None) -> bool:
+        """Answers the call as IAM refuses it when the access_denied rule names its operation."""
+        op = target.rsplit(".", 1)[-1]
+        st = self.state
+        with st.lock:
+            if not op or op not in st.rules["access_denied"]:
+                return False
+            st.stats["access_denied"] += 1
+        vlog(f"{target}: access denied (injected)")
+        self._send_aws_error(400, "AccessDeniedException", access_denied_message(target, body))
+        return True
 
     # ------------------------------------------------------------ dynamo_hold
     def _take_dynamo_hold(self, target: str) -> dict | None:
@@ -549,6 +669,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         fate.append("fail")
                     elif rules["fail_record_rate"] > 0 and st.rng.random() < rules["fail_record_rate"]:
                         fate.append("fail")
+                    elif rules["shard_limit"] is not None and isinstance(key, str) \
+                            and not st.take_shard_tokens(key, entry_bytes(rec)):
+                        fate.append("fail")
+                        st.stats["records_throttled"] += 1
                     elif rules["ack_lost_rate"] > 0 and st.rng.random() < rules["ack_lost_rate"]:
                         fate.append("lost")
                     else:

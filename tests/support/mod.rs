@@ -430,6 +430,29 @@ impl Aws {
         panic!("stream {name} never became active");
     }
 
+    /// Raises the stream's record size limit (`UpdateMaxRecordSize`, emulated by the moto shim
+    /// `moto_server.py`: moto itself knows only 1 MiB).
+    pub async fn raise_record_size(&self, name: &str, kib: i32) {
+        let summary = self
+            .kinesis
+            .describe_stream_summary()
+            .stream_name(name)
+            .send()
+            .await
+            .expect("describe stream");
+        let arn = summary
+            .stream_description_summary()
+            .map(|s| s.stream_arn().to_owned())
+            .expect("stream summary");
+        self.kinesis
+            .update_max_record_size()
+            .stream_arn(arn)
+            .max_record_size_in_kib(kib)
+            .send()
+            .await
+            .expect("update max record size");
+    }
+
     /// Creates a checkpoint table from `migrations/checkpoints.json` under another name, so
     /// the tests prove the migration file matches what the code expects.
     pub async fn create_checkpoint_table(&self, name: &str) {
@@ -496,6 +519,25 @@ impl Aws {
 
     /// Every record of every shard, in shard order, as (partition key, JSON).
     pub async fn read_stream(&self, name: &str) -> Vec<Record> {
+        self.read_stream_raw(name)
+            .await
+            .into_iter()
+            .map(|r| {
+                let json: serde_json::Value = serde_json::from_slice(&r.data)
+                    .unwrap_or_else(|e| panic!("record is not JSON: {e}"));
+                Record {
+                    shard: r.shard,
+                    partition_key: r.partition_key,
+                    sequence: r.sequence,
+                    raw: r.data,
+                    json,
+                }
+            })
+            .collect()
+    }
+
+    /// Every Kinesis record of every shard, in shard order, as its bytes.
+    pub async fn read_stream_raw(&self, name: &str) -> Vec<RawRecord> {
         let shards = self
             .kinesis
             .list_shards()
@@ -529,14 +571,11 @@ impl Aws {
                     break;
                 }
                 for r in page.records() {
-                    let json: serde_json::Value = serde_json::from_slice(r.data().as_ref())
-                        .unwrap_or_else(|e| panic!("record is not JSON: {e}"));
-                    out.push(Record {
+                    out.push(RawRecord {
                         shard: shard.shard_id().to_owned(),
                         partition_key: r.partition_key().unwrap_or_default().to_owned(),
                         sequence: r.sequence_number().to_owned(),
-                        raw: r.data().as_ref().to_vec(),
-                        json,
+                        data: r.data().as_ref().to_vec(),
                     });
                 }
                 iterator = page.next_shard_iterator().map(str::to_owned);
@@ -643,6 +682,70 @@ pub fn token_text(item: &HashMap<String, AttributeValue>) -> Option<String> {
     item.get("resume_token")
         .and_then(|v| v.as_s().ok())
         .cloned()
+}
+
+/// A Kinesis record as stored: for an aggregated one, the KPL container.
+#[derive(Debug, Clone)]
+pub struct RawRecord {
+    pub shard: String,
+    pub partition_key: String,
+    pub sequence: String,
+    pub data: Vec<u8>,
+}
+
+/// The user records in `records` as a KPL consumer sees them: deaggregated by AWS's own
+/// library (aws-kinesis-agg, tests/support/kpl_deaggregate.py), in stream order, each as a
+/// [`Record`] (its `sequence` is the Kinesis record's, with `:n` for the n-th user record of
+/// an aggregate).
+pub fn deaggregate_with_kpl(records: &[RawRecord]) -> Vec<Record> {
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let input: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "shard": r.shard, "partitionKey": r.partition_key,
+                "sequenceNumber": r.sequence, "data": hex(&r.data),
+            })
+        })
+        .collect();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/kpl_deaggregate.py");
+    let mut child = Command::new(venv_bin().join("python"))
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start kpl_deaggregate.py");
+    let body = serde_json::to_vec(&input).expect("json");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(&body));
+    let output = child.wait_with_output().expect("kpl_deaggregate.py");
+    writer.join().expect("writer").expect("write records");
+    assert!(output.status.success(), "kpl_deaggregate.py failed");
+    let users: Vec<serde_json::Value> =
+        serde_json::from_slice(&output.stdout).expect("deaggregated JSON");
+    users
+        .into_iter()
+        .map(|u| {
+            let text = u["data"].as_str().expect("data");
+            let raw: Vec<u8> = (0..text.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+                .collect();
+            let json = serde_json::from_slice(&raw)
+                .unwrap_or_else(|e| panic!("user record is not JSON: {e}"));
+            Record {
+                shard: u["shard"].as_str().unwrap_or_default().to_owned(),
+                partition_key: u["partitionKey"].as_str().unwrap_or_default().to_owned(),
+                sequence: format!(
+                    "{}:{}",
+                    u["sequenceNumber"].as_str().unwrap_or_default(),
+                    u["subSequenceNumber"]
+                ),
+                raw,
+                json,
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -840,6 +943,37 @@ impl Drop for Watcher {
 }
 
 /// A unique suffix for names within one test run.
+/// What most end-to-end tests start with: SecantusDB, moto, an AWS client, a directory for
+/// the watcher, a checkpoint table and a stream of `shards` shards named after `stream`.
+pub struct Env {
+    pub mongo: Mongo,
+    pub moto: Moto,
+    pub aws: Aws,
+    pub dir: tempfile::TempDir,
+    pub table: String,
+    pub stream: String,
+}
+
+impl Env {
+    pub async fn start(stream: &str, shards: i32) -> Self {
+        let mongo = Mongo::start();
+        let moto = Moto::start();
+        let aws = Aws::new(&moto).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (table, stream) = (unique("cps"), unique(stream));
+        aws.create_checkpoint_table(&table).await;
+        aws.create_stream(&stream, shards).await;
+        Self {
+            mongo,
+            moto,
+            aws,
+            dir,
+            table,
+            stream,
+        }
+    }
+}
+
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
@@ -885,5 +1019,77 @@ impl Watcher {
     /// Process id of the running mongo-watcher (None after a kill or stop).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+}
+
+// S3 (claim-check)
+
+/// An S3 client on moto (path-style, as the watcher addresses a custom endpoint).
+pub struct S3 {
+    pub client: aws_sdk_s3::Client,
+}
+
+impl S3 {
+    pub async fn new(moto: &Moto) -> Self {
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(moto.endpoint())
+            .region(aws_config::Region::new(REGION))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "test", "test", None, None, "test",
+            ))
+            .load()
+            .await;
+        let client = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&conf)
+                .force_path_style(true)
+                .build(),
+        );
+        Self { client }
+    }
+
+    pub async fn create_bucket(&self, bucket: &str) {
+        self.client
+            .create_bucket()
+            .bucket(bucket)
+            .send()
+            .await
+            .expect("create bucket");
+    }
+
+    /// The object's bytes, or `None` when there is no such object.
+    pub async fn get_object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let out = match self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_no_such_key()) => return None,
+            Err(e) => panic!(
+                "get s3://{bucket}/{key}: {}",
+                aws_sdk_s3::error::DisplayErrorContext(&e)
+            ),
+        };
+        let body = out.body.collect().await.expect("read object body");
+        Some(body.into_bytes().to_vec())
+    }
+
+    /// Keys of the objects under `prefix`.
+    pub async fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .expect("list objects");
+        out.contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_owned))
+            .collect()
     }
 }

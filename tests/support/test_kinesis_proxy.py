@@ -402,6 +402,38 @@ def run(env: Env) -> None:
     env.reset()
     check(env.ctl("GET", "/_proxy/rules")[1]["fail_shard"] is None, "reset clears fail_shard")
 
+    print("shard_limit")
+    # 100 records/s per shard: a burst of 40 records per shard passes, the rest of a burst of
+    # 400 spread over 4 shards fails on the shards that ran out, and a second later the
+    # buckets are full again.
+    env.rules(shard_limit={"of": 4, "records_per_s": 40})
+    per_shard = [0] * 4
+    batch = recs("lim", 400)
+    for b in batch:
+        per_shard[shard_index(b["PartitionKey"])] += 1
+    r = kin.put_records(StreamName="s-shard", Records=batch)
+    ok = [0] * 4
+    for b, e in zip(batch, r["Records"]):
+        if "ErrorCode" not in e:
+            ok[shard_index(b["PartitionKey"])] += 1
+    check(all(e["ErrorCode"] == "ProvisionedThroughputExceededException"
+              for e in r["Records"] if "ErrorCode" in e), "throttled with Kinesis's code")
+    check(all(40 <= n <= 41 for n in ok), f"about one second's 40 records per shard: {ok}")
+    check(env.stats()["records_throttled"] == 400 - sum(ok), "counted as records_throttled")
+    time.sleep(1.1)
+    r = kin.put_records(StreamName="s-shard", Records=recs("again", 100))
+    check(r["FailedRecordCount"] < 100 - 4 * 20, "the buckets refill within a second")
+    # 1000 bytes/s: records of 300 bytes (data) + key: three pass on one key's shard.
+    env.rules(shard_limit={"of": 4, "records_per_s": 1000, "bytes_per_s": 1000})
+    big = [{"Data": b"x" * 300, "PartitionKey": "same"} for _ in range(5)]
+    r = kin.put_records(StreamName="s-shard", Records=big)
+    check([("ErrorCode" in e) for e in r["Records"]] == [False, False, False, True, True],
+          f"byte limit: {r['Records']}")
+    check(env.ctl("POST", "/_proxy/rules", {"shard_limit": {"of": 0, "records_per_s": 1}})[0]
+          == 400, "shard_limit.of 0 -> 400")
+    env.reset()
+    check(env.ctl("GET", "/_proxy/rules")[1]["shard_limit"] is None, "reset clears shard_limit")
+
 
 def run_dynamo_hold(env: Env) -> None:
     """dynamo_hold: DynamoDB passes verbatim; the named operation is applied upstream, then
@@ -489,11 +521,78 @@ def run_dynamo_hold(env: Env) -> None:
           and env.stats()["dynamo_held"] == 0, "reset clears dynamo_hold")
 
 
+def run_access_denied(env: Env) -> None:
+    """access_denied: the listed operations are refused as IAM refuses them (400,
+    AccessDeniedException naming the action and the resource), nothing reaches the upstream,
+    other operations pass, and clearing the rule lets the same calls through."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    def aws(service: str):
+        return boto3.client(
+            service, endpoint_url=env.base, region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+            config=Config(retries={"total_max_attempts": 1, "mode": "standard"}))
+
+    def refused(call) -> dict:
+        try:
+            call()
+        except ClientError as e:
+            return {"status": e.response["ResponseMetadata"]["HTTPStatusCode"],
+                    "code": e.response["Error"]["Code"],
+                    "message": e.response["Error"].get("Message", "")}
+        raise AssertionError("expected AccessDeniedException")
+
+    print("access_denied")
+    env.reset()
+    db, ssm = aws("dynamodb"), aws("ssm")
+    env.new_stream("s-ad")
+    db.create_table(TableName="cps-ad",
+                    KeySchema=[{"AttributeName": "watcher", "KeyType": "HASH"}],
+                    AttributeDefinitions=[{"AttributeName": "watcher", "AttributeType": "S"}],
+                    BillingMode="PAY_PER_REQUEST")
+    ssm.put_parameter(Name="/ad/pw", Value="s3cret", Type="SecureString")
+
+    env.rules(access_denied=["PutRecords", "PutItem", "GetParameter"])
+    r = refused(lambda: env.kin.put_records(StreamName="s-ad", Records=recs("ad", 3)))
+    check(r["status"] == 400 and r["code"] == "AccessDeniedException", "PutRecords: 400 AccessDenied")
+    check("kinesis:PutRecords" in r["message"] and "stream/s-ad" in r["message"],
+          "the message names the action and the stream")
+    check(env.read_all("s-ad") == [], "a refused PutRecords reaches nothing")
+    r = refused(lambda: db.put_item(TableName="cps-ad", Item={"watcher": {"S": "w"}}))
+    check(r["code"] == "AccessDeniedException" and "dynamodb:PutItem" in r["message"]
+          and "table/cps-ad" in r["message"], "PutItem refused, naming the table")
+    check("Item" not in db.get_item(TableName="cps-ad", Key={"watcher": {"S": "w"}}),
+          "the refused PutItem was not applied; GetItem passes")
+    r = refused(lambda: ssm.get_parameter(Name="/ad/pw", WithDecryption=True))
+    check(r["code"] == "AccessDeniedException" and "ssm:GetParameter" in r["message"]
+          and "parameter/ad/pw" in r["message"], "GetParameter refused, naming the parameter")
+    check(env.stats()["access_denied"] == 3, "refusals counted")
+
+    for bad in ("PutRecords", [""], ["Kinesis_20131202.PutRecords"], [1]):
+        check(env.ctl("POST", "/_proxy/rules", {"access_denied": bad})[0] == 400, f"{bad!r} -> 400")
+    check(env.ctl("GET", "/_proxy/rules")[1]["access_denied"]
+          == ["PutRecords", "PutItem", "GetParameter"], "rules unchanged by a rejected POST")
+
+    env.rules(access_denied=[])
+    check(env.kin.put_records(StreamName="s-ad", Records=recs("ad", 3))["FailedRecordCount"] == 0,
+          "cleared: PutRecords passes")
+    db.put_item(TableName="cps-ad", Item={"watcher": {"S": "w"}})
+    check(ssm.get_parameter(Name="/ad/pw", WithDecryption=True)["Parameter"]["Value"] == "s3cret",
+          "cleared: PutItem and GetParameter pass")
+    env.rules(access_denied=["GetItem"])
+    env.reset()
+    check(env.ctl("GET", "/_proxy/rules")[1]["access_denied"] == []
+          and env.stats()["access_denied"] == 0, "reset clears access_denied")
+
+
 def test_kinesis_proxy() -> None:
     env = Env()
     try:
         run(env)
         run_dynamo_hold(env)
+        run_access_denied(env)
     finally:
         env.close()
 

@@ -8,6 +8,7 @@
 //! once everything read before it is acknowledged.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bson::{Bson, Timestamp};
 
@@ -18,6 +19,11 @@ pub struct Position {
     pub token: Bson,
     /// Cluster time of the event, when known (idle markers have none).
     pub cluster_time: Option<Timestamp>,
+    /// While a copy runs: its progress as of this entry (per range, the last `_id` read up
+    /// to here). A copied document's entry carries the newest stream position read before
+    /// it as `token` (a copy never moves the stream's position), so the frontier says how far
+    /// both are acknowledged. Shared: entries between two copied documents carry one value.
+    pub snapshot: Option<Arc<crate::checkpoint::SnapshotProgress>>,
 }
 
 #[derive(Debug)]
@@ -55,12 +61,23 @@ impl AckTracker {
         seq
     }
 
-    /// Enters a position reached without an event (post-batch resume token).
-    pub fn push_idle(&mut self, token: Bson) {
-        let position = Position {
+    /// Enters a position reached without an event (post-batch resume token), with a running
+    /// copy's progress (see [`Self::push_marker`]).
+    pub fn push_idle(
+        &mut self,
+        token: Bson,
+        snapshot: Option<Arc<crate::checkpoint::SnapshotProgress>>,
+    ) {
+        self.push_marker(Position {
             token,
             cluster_time: None,
-        };
+            snapshot,
+        });
+    }
+
+    /// Enters a position with nothing to acknowledge: it becomes the frontier once everything
+    /// before it is acknowledged. Consecutive markers coalesce into the newest.
+    pub fn push_marker(&mut self, position: Position) {
         if self.entries.is_empty() {
             self.frontier = Some(position);
             return;
@@ -108,14 +125,37 @@ impl AckTracker {
         self.frontier.as_ref()
     }
 
+    /// The newest position entered (the frontier when nothing is outstanding).
+    pub fn newest(&self) -> Option<&Position> {
+        self.entries
+            .back()
+            .map(|e| &e.position)
+            .or(self.frontier.as_ref())
+    }
+
     /// Cluster time of the newest acknowledged event behind the frontier.
     pub fn frontier_event_time(&self) -> Option<Timestamp> {
         self.frontier_event_time
     }
 
+    /// Whether `seq` and everything read before it are behind the frontier.
+    pub fn passed(&self, seq: u64) -> bool {
+        seq < self.next_seq && self.entries.front().is_none_or(|e| e.seq > seq)
+    }
+
     /// Entries read and not yet behind the frontier.
     pub fn outstanding(&self) -> usize {
         self.entries.len()
+    }
+
+    /// The position of event `seq` while it is not yet behind the frontier (searched from the
+    /// newest: the caller asks about the event it just entered).
+    pub fn position(&self, seq: u64) -> Option<&Position> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.seq == seq)
+            .map(|e| &e.position)
     }
 }
 
@@ -131,6 +171,7 @@ mod tests {
                 time: n as u32,
                 increment: 1,
             }),
+            snapshot: None,
         }
     }
 
@@ -155,11 +196,11 @@ mod tests {
     #[test]
     fn idle_marker_moves_only_after_earlier_events() {
         let mut t = AckTracker::new();
-        t.push_idle(Bson::String("idle0".into()));
+        t.push_idle(Bson::String("idle0".into()), None);
         assert_eq!(token_of(&t), Some(Bson::String("idle0".into())));
         let a = t.push_event(pos(1));
-        t.push_idle(Bson::String("idle1".into()));
-        t.push_idle(Bson::String("idle2".into()));
+        t.push_idle(Bson::String("idle1".into()), None);
+        t.push_idle(Bson::String("idle2".into()), None);
         assert_eq!(t.outstanding(), 2, "consecutive markers coalesce");
         assert_eq!(token_of(&t), Some(Bson::String("idle0".into())));
         t.ack(a);

@@ -14,11 +14,13 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use tokio::time::Instant;
 
-/// AWS limits of one PutRecords call.
+/// AWS limits of one PutRecords call. Its bytes depend on the stream's record limit
+/// ([`crate::stream_limits`]); this is the call limit of a stream at the default.
 pub const MAX_BATCH_RECORDS: usize = 500;
-pub const MAX_BATCH_BYTES: usize = 5 * 1024 * 1024;
+pub const MAX_BATCH_BYTES: usize = crate::stream_limits::DEFAULT_REQUEST_BYTES;
 
-/// One record waiting for Kinesis.
+/// One record waiting for Kinesis: one event, or (aggregation) several events of one key
+/// packed into one Kinesis record, acknowledged or rejected together.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingRecord {
     /// Position in read order; also the record's entry in the ack tracker.
@@ -27,12 +29,34 @@ pub struct PendingRecord {
     pub data: Vec<u8>,
     /// Failed attempts so far.
     pub attempts: u32,
+    /// Events packed behind `seq` into this record, in read order (empty unless aggregated).
+    pub packed: Vec<u64>,
 }
 
 impl PendingRecord {
+    pub fn new(seq: u64, partition_key: String, data: Vec<u8>) -> Self {
+        Self {
+            seq,
+            partition_key,
+            data,
+            attempts: 0,
+            packed: Vec::new(),
+        }
+    }
+
     /// Bytes this record counts against the call and record limits.
     pub fn size(&self) -> usize {
         self.data.len() + self.partition_key.len()
+    }
+
+    /// Events this record carries.
+    pub fn events(&self) -> usize {
+        1 + self.packed.len()
+    }
+
+    /// Sequence numbers of the events this record carries, in read order.
+    pub fn seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.seq).chain(self.packed.iter().copied())
     }
 }
 
@@ -135,6 +159,20 @@ impl Scheduler {
     /// Takes, in read order, the first pending record of each idle key, up to the limits.
     /// Their keys are in flight until [`Self::ack`] or [`Self::retry`] returns them.
     pub fn next_batch(&mut self, max_records: usize, max_bytes: usize) -> Vec<PendingRecord> {
+        self.next_batch_packed(max_records, max_bytes, None)
+    }
+
+    /// [`Self::next_batch`], and with `pack` (the stream's record limit) each key's head is
+    /// packed with the events queued behind it, in order, into one KPL aggregated record of
+    /// at most that many bytes ([`crate::aggregate`]). The key has nothing else in flight, so
+    /// the aggregate is the only unacknowledged record of its key: accepted or rejected whole,
+    /// it cannot reorder the key. An aggregate that is rejected goes back as it is.
+    pub fn next_batch_packed(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+        pack: Option<usize>,
+    ) -> Vec<PendingRecord> {
         let mut batch = Vec::new();
         let mut bytes = 0;
         while batch.len() < max_records {
@@ -151,15 +189,22 @@ impl Scheduler {
                 break;
             }
             self.ready.remove(&seq);
-            let Some(record) = state.queue.pop_front() else {
+            let Some(mut record) = state.queue.pop_front() else {
                 break;
             };
             state.in_flight = true;
-            bytes += size;
             self.ready_bytes -= size;
-            self.queued -= 1;
+            self.queued -= record.events();
             self.queued_bytes -= size;
-            self.in_flight += 1;
+            if let Some(limit) = pack {
+                let room = limit.min(max_bytes.saturating_sub(bytes)).max(size);
+                let (taken, taken_bytes) = pack_behind(&mut record, &mut state.queue, room);
+                self.queued -= taken;
+                self.queued_bytes -= taken_bytes;
+            }
+            let size = record.size();
+            bytes += size;
+            self.in_flight += record.events();
             self.in_flight_bytes += size;
             batch.push(record);
         }
@@ -168,7 +213,7 @@ impl Scheduler {
 
     /// Kinesis accepted `record`: its key's next record becomes ready.
     pub fn ack(&mut self, record: &PendingRecord) {
-        self.release(&record.partition_key, record.size());
+        self.release(&record.partition_key, record.events(), record.size());
     }
 
     /// Kinesis rejected `record`: it goes back to the head of its key's queue, and becomes
@@ -176,17 +221,17 @@ impl Scheduler {
     pub fn retry(&mut self, mut record: PendingRecord, not_before: Option<Instant>) {
         record.attempts += 1;
         let key = record.partition_key.clone();
-        let size = record.size();
+        let (events, size) = (record.events(), record.size());
         let state = self.keys.entry(key.clone()).or_default();
         state.queue.push_front(record);
         state.not_before = not_before;
-        self.queued += 1;
+        self.queued += events;
         self.queued_bytes += size;
-        self.release(&key, size);
+        self.release(&key, events, size);
     }
 
-    fn release(&mut self, key: &str, size: usize) {
-        self.in_flight = self.in_flight.saturating_sub(1);
+    fn release(&mut self, key: &str, events: usize, size: usize) {
+        self.in_flight = self.in_flight.saturating_sub(events);
         self.in_flight_bytes = self.in_flight_bytes.saturating_sub(size);
         let Some(state) = self.keys.get_mut(key) else {
             return;
@@ -209,18 +254,43 @@ impl Scheduler {
     }
 }
 
+/// Packs the events queued behind `head` (same key, read order) into it while the aggregate
+/// stays within `room` bytes; returns how many events and bytes left the queue. A head that
+/// is already an aggregate (a retry) goes as it is.
+fn pack_behind(
+    head: &mut PendingRecord,
+    queue: &mut VecDeque<PendingRecord>,
+    room: usize,
+) -> (usize, usize) {
+    if !head.packed.is_empty() || queue.front().is_none_or(|next| !next.packed.is_empty()) {
+        return (0, 0);
+    }
+    let mut builder =
+        crate::aggregate::Builder::new(&head.partition_key, std::mem::take(&mut head.data));
+    let (mut taken, mut taken_bytes) = (0, 0);
+    while let Some(next) = queue.front() {
+        if !next.packed.is_empty() || builder.size_with(next.data.len()) > room {
+            break;
+        }
+        let Some(next) = queue.pop_front() else {
+            break;
+        };
+        taken += 1;
+        taken_bytes += next.size();
+        head.packed.push(next.seq);
+        builder.push(next.data);
+    }
+    head.data = builder.finish(&head.partition_key);
+    (taken, taken_bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
 
     fn rec(seq: u64, key: &str) -> PendingRecord {
-        PendingRecord {
-            seq,
-            partition_key: key.to_owned(),
-            data: vec![b'x'; 10],
-            attempts: 0,
-        }
+        PendingRecord::new(seq, key.to_owned(), vec![b'x'; 10])
     }
 
     fn seqs(batch: &[PendingRecord]) -> Vec<u64> {
@@ -309,6 +379,100 @@ mod tests {
         assert_eq!(s.held_bytes(), 0);
         assert_eq!(s.ready_len(), 0);
         assert!(s.keys.is_empty());
+    }
+
+    fn data(seq: u64) -> Vec<u8> {
+        format!("event-{seq}").into_bytes()
+    }
+
+    fn event(seq: u64, key: &str) -> PendingRecord {
+        PendingRecord::new(seq, key.to_owned(), data(seq))
+    }
+
+    fn unpacked(r: &PendingRecord) -> Vec<Vec<u8>> {
+        crate::aggregate::deaggregate(&r.data).unwrap()
+    }
+
+    #[test]
+    fn packing_takes_a_keys_queue_in_order_and_leaves_lone_events_plain() {
+        let mut s = Scheduler::new();
+        for (seq, key) in [(1, "hot"), (2, "hot"), (3, "b"), (4, "hot"), (5, "hot")] {
+            s.push(event(seq, key));
+        }
+        let batch = s.next_batch_packed(500, MAX_BATCH_BYTES, Some(1 << 20));
+        assert_eq!(seqs(&batch), vec![1, 3]);
+        assert_eq!(batch[0].seqs().collect::<Vec<_>>(), vec![1, 2, 4, 5]);
+        assert_eq!(
+            unpacked(&batch[0]),
+            vec![data(1), data(2), data(4), data(5)]
+        );
+        assert_eq!(
+            batch[1].data,
+            data(3),
+            "a lone event goes as a plain record"
+        );
+        assert_eq!(s.len(), 5);
+        // Read after the aggregate left: waits for its ack, then goes.
+        s.push(event(6, "hot"));
+        assert!(s
+            .next_batch_packed(500, MAX_BATCH_BYTES, Some(1 << 20))
+            .is_empty());
+        for r in &batch {
+            s.ack(r);
+        }
+        assert_eq!(s.len(), 1);
+        let next = s.next_batch_packed(500, MAX_BATCH_BYTES, Some(1 << 20));
+        assert_eq!(seqs(&next), vec![6]);
+        assert_eq!(next[0].data, data(6));
+    }
+
+    #[test]
+    fn an_aggregate_stays_within_the_record_limit_and_the_call() {
+        let mut s = Scheduler::new();
+        for seq in 0..100 {
+            s.push(event(seq, "hot"));
+        }
+        let limit = 200;
+        let mut order = Vec::new();
+        while !s.is_empty() {
+            let batch = s.next_batch_packed(500, MAX_BATCH_BYTES, Some(limit));
+            assert_eq!(batch.len(), 1);
+            let r = &batch[0];
+            assert!(r.size() <= limit, "{} > {limit}", r.size());
+            assert!(r.events() > 1 || s.is_empty() || r.seq >= 95);
+            order.extend(unpacked(r));
+            s.ack(r);
+        }
+        assert_eq!(order, (0..100).map(data).collect::<Vec<_>>());
+        // The call's bytes bound the aggregate too.
+        for seq in 0..10 {
+            s.push(event(seq, "hot"));
+        }
+        let batch = s.next_batch_packed(500, 60, Some(1 << 20));
+        assert!(batch[0].size() <= 60 && batch[0].events() > 1);
+    }
+
+    #[test]
+    fn a_rejected_aggregate_goes_back_whole_before_later_events() {
+        let mut s = Scheduler::new();
+        for seq in 1..=3 {
+            s.push(event(seq, "hot"));
+        }
+        let first = s.next_batch_packed(500, MAX_BATCH_BYTES, Some(1 << 20));
+        let aggregate = first.into_iter().next().unwrap();
+        s.push(event(4, "hot"));
+        s.push(event(5, "hot"));
+        s.retry(aggregate.clone(), None);
+        assert_eq!(s.len(), 5);
+        let again = s.next_batch_packed(500, MAX_BATCH_BYTES, Some(1 << 20));
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].data, aggregate.data, "resent as it was");
+        assert_eq!(again[0].attempts, 1);
+        s.ack(&again[0]);
+        let rest = s.next_batch_packed(500, MAX_BATCH_BYTES, Some(1 << 20));
+        assert_eq!(rest[0].seqs().collect::<Vec<_>>(), vec![4, 5]);
+        s.ack(&rest[0]);
+        assert_eq!((s.len(), s.held_bytes(), s.queued_bytes()), (0, 0, 0));
     }
 
     #[test]

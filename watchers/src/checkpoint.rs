@@ -4,8 +4,11 @@
 //! Item layout (table with one string hash key `watcher`):
 //! `watcher` (S), `resume_token` (S, canonical Extended JSON of the opaque token),
 //! `cluster_time` (M `{t, i}`, when known), `paused` (BOOL), `revision` (N, +1 per write),
-//! `updated_at` (S, RFC 3339). Every write names the revision it replaces, so two processes
-//! running the same watcher cannot silently overwrite each other. A write whose outcome is
+//! `updated_at` (S, RFC 3339), `namespace` (S, `database.collection` the token belongs to;
+//! absent from items written before it was stored), and while a copy (an initial snapshot or
+//! an on-demand backfill) runs, `snapshot` (S, `copying`) and `snapshot_progress` (S,
+//! canonical Extended JSON of [`SnapshotProgress`]). Every write names the revision it
+//! replaces, so two processes running the same watcher cannot silently overwrite each other. A write whose outcome is
 //! unknown (no answer, a dropped connection) is settled by reading the item back
 //! ([`Checkpointer`]), so the watcher's own write is never taken for a second writer.
 
@@ -17,12 +20,15 @@ use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
-use aws_sdk_dynamodb::types::{AttributeValue, KeyType};
+use aws_sdk_dynamodb::types::{AttributeValue, KeyType, KeysAndAttributes};
 use bson::{Bson, DateTime, Timestamp};
-use tracing::{debug, info};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
 
 use crate::ack::{AckTracker, Position};
-use crate::error::{InDoubt, WatcherError};
+use crate::error::{aws_refusal, AwsResource, InDoubt, WatcherError};
+use crate::lease::Fence;
+use crate::spec::WatcherSpec;
 
 /// What a checkpoint says.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +37,117 @@ pub struct Checkpoint {
     pub token: Option<Bson>,
     pub cluster_time: Option<Timestamp>,
     pub paused: bool,
+    /// The `database.collection` whose change stream the token belongs to, so that a watcher
+    /// whose collection changed in the config under the same name is told, not resumed on a
+    /// token its server refuses. `None` in items written before it was stored, and in the old
+    /// tool's marker (keyed by the namespace itself).
+    pub namespace: Option<String>,
+}
+
+/// A copy's progress while it runs (an initial snapshot, or an on-demand backfill), stored
+/// as `snapshot: "copying"` and `snapshot_progress`, the canonical Extended JSON of
+/// `{ranges: [{min, max, after, done}], filter, cluster_time}`. An item without them has no
+/// copy to continue.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SnapshotProgress {
+    /// The `_id` ranges copied side by side; empty until the copy has planned them (a copy
+    /// stored before that plans them again when it continues).
+    pub ranges: Vec<CopyRange>,
+    /// Only documents matching this query filter (an on-demand backfill of a subset).
+    pub filter: Option<bson::Document>,
+    /// Stamped on every record of the copy as its `clusterTime`: the cluster time when the
+    /// copy began. Every document read is at least as new as this; every change after it
+    /// comes through the change stream.
+    pub cluster_time: Option<Timestamp>,
+}
+
+/// One range of a copy, in the `_id` index's order (which orders BSON types too):
+/// `min <= _id < max`, either bound open when `None`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CopyRange {
+    pub min: Option<Bson>,
+    pub max: Option<Bson>,
+    /// The last `_id` of the range whose record is acknowledged with everything read before
+    /// it; `None` before the first. A continued copy starts after it.
+    pub after: Option<Bson>,
+    /// Every document of the range read.
+    pub done: bool,
+}
+
+impl SnapshotProgress {
+    /// Every range planned and read to its end.
+    pub fn all_done(&self) -> bool {
+        !self.ranges.is_empty() && self.ranges.iter().all(|r| r.done)
+    }
+
+    /// As stored in `snapshot_progress`.
+    pub fn to_document(&self) -> bson::Document {
+        let opt = |b: &Option<Bson>| b.clone().unwrap_or(Bson::Null);
+        let ranges: Vec<Bson> = self
+            .ranges
+            .iter()
+            .map(|r| {
+                Bson::Document(bson::doc! {
+                    "min": opt(&r.min),
+                    "max": opt(&r.max),
+                    "after": opt(&r.after),
+                    "done": r.done,
+                })
+            })
+            .collect();
+        let mut doc = bson::doc! { "ranges": ranges };
+        if let Some(filter) = &self.filter {
+            doc.insert("filter", filter.clone());
+        }
+        if let Some(ts) = self.cluster_time {
+            doc.insert("cluster_time", ts);
+        }
+        doc
+    }
+
+    /// Reads what [`Self::to_document`] wrote. A `null` bound is an open one: an `_id` is
+    /// never `null` in a range bound we write (the `_id` index starts below every value but
+    /// MinKey, and a range's bounds come from documents' `_id`s).
+    pub fn from_document(doc: &bson::Document) -> Result<Self, String> {
+        let opt = |d: &bson::Document, k: &str| match d.get(k) {
+            None | Some(Bson::Null) => None,
+            Some(b) => Some(b.clone()),
+        };
+        let ranges = doc
+            .get_array("ranges")
+            .map_err(|_| "`snapshot_progress.ranges` is not an array".to_owned())?
+            .iter()
+            .map(|r| match r {
+                Bson::Document(d) => Ok(CopyRange {
+                    min: opt(d, "min"),
+                    max: opt(d, "max"),
+                    after: opt(d, "after"),
+                    done: d.get_bool("done").unwrap_or(false),
+                }),
+                _ => Err("`snapshot_progress.ranges` holds a non-document".to_owned()),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let filter = match doc.get("filter") {
+            None | Some(Bson::Null) => None,
+            Some(Bson::Document(f)) => Some(f.clone()),
+            Some(_) => return Err("`snapshot_progress.filter` is not a document".to_owned()),
+        };
+        let cluster_time = match doc.get("cluster_time") {
+            None => None,
+            Some(Bson::Timestamp(ts)) => Some(*ts),
+            Some(_) => return Err("`snapshot_progress.cluster_time` is not a timestamp".to_owned()),
+        };
+        Ok(Self {
+            ranges,
+            filter,
+            cluster_time,
+        })
+    }
+}
+
+/// The namespace a watcher's checkpoints are written for: `database.collection`.
+pub fn namespace(spec: &WatcherSpec) -> String {
+    format!("{}.{}", spec.database, spec.collection)
 }
 
 /// A checkpoint as read, with the revision a following write must name.
@@ -39,6 +156,8 @@ pub struct Stored {
     pub checkpoint: Checkpoint,
     pub revision: u64,
     pub updated_at: Option<String>,
+    /// An initial snapshot to continue (see [`SnapshotProgress`]).
+    pub snapshot: Option<SnapshotProgress>,
 }
 
 /// How checkpoints are laid out in the table.
@@ -70,7 +189,24 @@ pub struct CheckpointStore {
     /// store, so 1,000 watchers make one DescribeTable, not 1,000. A failed check is not
     /// kept, so a table created later is found.
     verified: Arc<tokio::sync::OnceCell<()>>,
+    /// Loads of the process's watchers are read together: a task started by the first load
+    /// takes every load waiting and reads up to [`BATCH_GET_KEYS`] of them in one
+    /// BatchGetItem (1,000 watchers starting at once make 10 calls, not 1,000); a lone load
+    /// is one GetItem, as before. See [`Self::load`].
+    loads: Arc<std::sync::OnceLock<mpsc::UnboundedSender<LoadRequest>>>,
+    /// BatchGetItem was refused once (an older IAM policy without it): said once, then loads
+    /// fall back to GetItem each.
+    batch_refused: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// Keys DynamoDB's BatchGetItem takes at most.
+const BATCH_GET_KEYS: usize = 100;
+
+/// A load waiting for the loader task: the watcher, and where its item goes.
+type LoadRequest = (
+    String,
+    oneshot::Sender<Result<Option<Stored>, WatcherError>>,
+);
 
 impl CheckpointStore {
     pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
@@ -87,6 +223,8 @@ impl CheckpointStore {
             table: table.into(),
             layout,
             verified: Arc::default(),
+            loads: Arc::default(),
+            batch_refused: Arc::default(),
         }
     }
 
@@ -135,6 +273,140 @@ impl CheckpointStore {
         if let Layout::LegacyMarker { collection_name } = &self.layout {
             return self.load_legacy(watcher, collection_name).await;
         }
+        let loads = self.loads.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            // The loader's own store has no loader: it holds no sender of its channel, so
+            // the task ends with the last store of the process.
+            let reader =
+                Self::with_layout(self.client.clone(), self.table.clone(), self.layout.clone());
+            let reader = Self {
+                batch_refused: self.batch_refused.clone(),
+                ..reader
+            };
+            tokio::spawn(reader.serve_loads(rx));
+            tx
+        });
+        let (tx, rx) = oneshot::channel();
+        if loads.send((watcher.to_owned(), tx)).is_err() {
+            return self.get_one(watcher).await;
+        }
+        match rx.await {
+            Ok(result) => result,
+            // The loader is gone (its runtime shut down): read alone.
+            Err(_) => self.get_one(watcher).await,
+        }
+    }
+
+    /// The loader task (see `loads`): every load waiting, up to [`BATCH_GET_KEYS`], in one
+    /// call, until every store is dropped.
+    async fn serve_loads(self, mut rx: mpsc::UnboundedReceiver<LoadRequest>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < BATCH_GET_KEYS {
+                match rx.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.load_batch(batch).await;
+        }
+    }
+
+    /// Reads `batch` with one BatchGetItem (consistent reads); a lone load, keys DynamoDB left
+    /// unprocessed, and every load of a failed call are read with GetItem each, so that each
+    /// gets its own answer and error as before.
+    async fn load_batch(&self, mut batch: Vec<LoadRequest>) {
+        if batch.len() == 1
+            || self
+                .batch_refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return self.load_each(batch).await;
+        }
+        let mut keys: Vec<&str> = batch.iter().map(|(w, _)| w.as_str()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let keys = keys
+            .into_iter()
+            .map(|w| HashMap::from([("watcher".to_owned(), AttributeValue::S(w.to_owned()))]))
+            .collect();
+        let request = match KeysAndAttributes::builder()
+            .set_keys(Some(keys))
+            .consistent_read(true)
+            .build()
+        {
+            Ok(request) => request,
+            Err(_) => return self.load_each(batch).await,
+        };
+        let out = match self
+            .client
+            .batch_get_item()
+            .request_items(&self.table, request)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                let refused = matches!(
+                    self.error("BatchGetItem", e),
+                    WatcherError::AccessDenied { .. }
+                );
+                if refused
+                    && !self
+                        .batch_refused
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    warn!(table = %self.table, "dynamodb:BatchGetItem is not granted on the checkpoint \
+                        table; checkpoints are loaded one GetItem each (grant it to start many \
+                        watchers faster)");
+                }
+                return self.load_each(batch).await;
+            }
+        };
+        let name = |item: &HashMap<String, AttributeValue>| {
+            item.get("watcher").and_then(|v| v.as_s().ok()).cloned()
+        };
+        let unprocessed: std::collections::HashSet<String> = out
+            .unprocessed_keys()
+            .and_then(|m| m.get(&self.table))
+            .map(|k| k.keys().iter().filter_map(name).collect())
+            .unwrap_or_default();
+        let items: HashMap<String, &HashMap<String, AttributeValue>> = out
+            .responses()
+            .and_then(|r| r.get(&self.table))
+            .map(|items| items.iter().filter_map(|i| Some((name(i)?, i))).collect())
+            .unwrap_or_default();
+        info!(
+            table = %self.table,
+            loads = batch.len(),
+            unprocessed = unprocessed.len(),
+            "checkpoints loaded together (one BatchGetItem)"
+        );
+        let mut again = Vec::new();
+        for (watcher, tx) in batch.drain(..) {
+            if unprocessed.contains(&watcher) {
+                again.push((watcher, tx));
+                continue;
+            }
+            let stored = items
+                .get(&watcher)
+                .map(|item| parse_item(&watcher, item))
+                .transpose();
+            let _ = tx.send(stored);
+        }
+        self.load_each(again).await;
+    }
+
+    /// GetItem for each load of `batch`, side by side.
+    async fn load_each(&self, batch: Vec<LoadRequest>) {
+        futures_util::future::join_all(batch.into_iter().map(|(watcher, tx)| async move {
+            let _ = tx.send(self.get_one(&watcher).await);
+        }))
+        .await;
+    }
+
+    /// One watcher's item with GetItem.
+    async fn get_one(&self, watcher: &str) -> Result<Option<Stored>, WatcherError> {
         let out = self
             .client
             .get_item()
@@ -150,11 +422,31 @@ impl CheckpointStore {
     /// Writes `checkpoint` if the stored revision is still `expected` (`None`: no item yet).
     /// Returns the new revision. A failure that may have been applied anyway is
     /// [`WatcherError::CheckpointInDoubt`]; [`Checkpointer`] settles it by reading back.
+    ///
+    /// With a `fence` (leases), the item also stores the lease's owner and epoch, and the write
+    /// is refused (a conflict) unless the item was last written under this lease or under an
+    /// older epoch: once an owner wrote, a replica whose lease was taken over can never write
+    /// again.
     pub async fn save(
         &self,
         watcher: &str,
         expected: Option<u64>,
         checkpoint: &Checkpoint,
+        fence: Option<&Fence>,
+    ) -> Result<u64, WatcherError> {
+        self.save_snapshot(watcher, expected, checkpoint, None, fence)
+            .await
+    }
+
+    /// [`Self::save`], with an initial snapshot's progress stored beside the position (the
+    /// old tool's marker cannot hold it: a drop-in watcher's copy is not resumable).
+    pub async fn save_snapshot(
+        &self,
+        watcher: &str,
+        expected: Option<u64>,
+        checkpoint: &Checkpoint,
+        snapshot: Option<&SnapshotProgress>,
+        fence: Option<&Fence>,
     ) -> Result<u64, WatcherError> {
         if let Layout::LegacyMarker { collection_name } = &self.layout {
             return self.save_legacy(collection_name, checkpoint).await;
@@ -178,11 +470,35 @@ impl CheckpointStore {
         if let Some(ts) = checkpoint.cluster_time {
             req = req.item("cluster_time", timestamp_attr(ts));
         }
-        req = match expected {
-            None => req.condition_expression("attribute_not_exists(watcher)"),
-            Some(r) => req
-                .condition_expression("attribute_not_exists(watcher) OR revision = :expected")
-                .expression_attribute_values(":expected", AttributeValue::N(r.to_string())),
+        if let Some(namespace) = &checkpoint.namespace {
+            req = req.item("namespace", AttributeValue::S(namespace.clone()));
+        }
+        if let Some(progress) = snapshot.filter(|p| !p.all_done()) {
+            req = req.item("snapshot", AttributeValue::S(SNAPSHOT_COPYING.into()));
+            let text = Bson::Document(progress.to_document())
+                .into_canonical_extjson()
+                .to_string();
+            req = req.item("snapshot_progress", AttributeValue::S(text));
+        }
+        let revision_condition = match expected {
+            None => "attribute_not_exists(watcher)",
+            Some(r) => {
+                req =
+                    req.expression_attribute_values(":expected", AttributeValue::N(r.to_string()));
+                "(attribute_not_exists(watcher) OR revision = :expected)"
+            }
+        };
+        req = match fence {
+            None => req.condition_expression(revision_condition),
+            Some(f) => req
+                .item("lease_owner", AttributeValue::S(f.owner.clone()))
+                .item("lease_epoch", AttributeValue::N(f.epoch.to_string()))
+                .condition_expression(format!(
+                    "{revision_condition} AND (attribute_not_exists(lease_epoch) \
+                     OR lease_epoch < :epoch OR (lease_epoch = :epoch AND lease_owner = :owner))"
+                ))
+                .expression_attribute_values(":epoch", AttributeValue::N(f.epoch.to_string()))
+                .expression_attribute_values(":owner", AttributeValue::S(f.owner.clone())),
         };
         // No SDK retries: a retried conditional write whose first attempt was applied fails its
         // own condition, and nothing could then tell it from a second writer. Every failure
@@ -213,6 +529,50 @@ impl CheckpointStore {
             PutFailure::NotApplied => self.error("PutItem", err),
         };
         Err(error)
+    }
+
+    /// Sets the stored checkpoint's `paused` flag (an operator's pause or resume of a watcher
+    /// that is not running), keeping its position. Nothing to do without a stored checkpoint
+    /// or when it already says so; the old tool's marker cannot hold the flag (logged).
+    pub async fn mark_paused(
+        &self,
+        watcher: &str,
+        paused: bool,
+        fence: Option<&Fence>,
+    ) -> Result<(), WatcherError> {
+        if matches!(self.layout, Layout::LegacyMarker { .. }) {
+            tracing::warn!(
+                "drop-in mode: the old marker cannot hold the paused flag; a restart resumes"
+            );
+            return Ok(());
+        }
+        let Some(stored) = self.load(watcher).await? else {
+            return Ok(());
+        };
+        if stored.checkpoint.paused == paused {
+            return Ok(());
+        }
+        let checkpoint = Checkpoint {
+            paused,
+            ..stored.checkpoint
+        };
+        // A copy in progress stays resumable across the pause.
+        let snapshot = stored.snapshot.as_ref();
+        self.save_snapshot(watcher, Some(stored.revision), &checkpoint, snapshot, fence)
+            .await
+            .map(|_| ())
+    }
+
+    /// Stores `checkpoint` in place of whatever is stored (a rewind of a paused watcher),
+    /// compare-and-set on the revision just read.
+    pub async fn replace(
+        &self,
+        watcher: &str,
+        checkpoint: &Checkpoint,
+        fence: Option<&Fence>,
+    ) -> Result<u64, WatcherError> {
+        let revision = self.load(watcher).await?.map(|s| s.revision);
+        self.save(watcher, revision, checkpoint, fence).await
     }
 
     async fn load_legacy(
@@ -247,9 +607,11 @@ impl CheckpointStore {
                 token: Some(token),
                 cluster_time: None,
                 paused: false,
+                namespace: None,
             },
             revision: 0,
             updated_at: None,
+            snapshot: None,
         }))
     }
 
@@ -291,11 +653,16 @@ impl CheckpointStore {
                     key: self.layout.hash_key(),
                 };
             }
+            let table = AwsResource::DynamoDbTable(self.table.clone());
+            if let Some(refusal) = aws_refusal(table, operation, e.err().code(), e.err().message())
+            {
+                return refusal;
+            }
         }
         WatcherError::Checkpoint {
             table: self.table.clone(),
             operation,
-            message: DisplayErrorContext(&err).to_string(),
+            message: crate::error::aws_message(&err),
         }
     }
 }
@@ -365,7 +732,22 @@ pub trait CheckpointBackend: Send + Sync {
         watcher: &str,
         expected: Option<u64>,
         checkpoint: &Checkpoint,
+        fence: Option<&Fence>,
     ) -> impl std::future::Future<Output = Result<u64, WatcherError>> + Send;
+
+    /// [`Self::save`] with an initial snapshot's progress; a backend that cannot hold it
+    /// stores the position alone.
+    fn save_snapshot(
+        &self,
+        watcher: &str,
+        expected: Option<u64>,
+        checkpoint: &Checkpoint,
+        snapshot: Option<&SnapshotProgress>,
+        fence: Option<&Fence>,
+    ) -> impl std::future::Future<Output = Result<u64, WatcherError>> + Send {
+        let _ = snapshot;
+        self.save(watcher, expected, checkpoint, fence)
+    }
 }
 
 impl CheckpointBackend for CheckpointStore {
@@ -382,10 +764,25 @@ impl CheckpointBackend for CheckpointStore {
         watcher: &str,
         expected: Option<u64>,
         checkpoint: &Checkpoint,
+        fence: Option<&Fence>,
     ) -> Result<u64, WatcherError> {
-        CheckpointStore::save(self, watcher, expected, checkpoint).await
+        CheckpointStore::save(self, watcher, expected, checkpoint, fence).await
+    }
+
+    async fn save_snapshot(
+        &self,
+        watcher: &str,
+        expected: Option<u64>,
+        checkpoint: &Checkpoint,
+        snapshot: Option<&SnapshotProgress>,
+        fence: Option<&Fence>,
+    ) -> Result<u64, WatcherError> {
+        CheckpointStore::save_snapshot(self, watcher, expected, checkpoint, snapshot, fence).await
     }
 }
+
+/// The `snapshot` attribute of an item whose initial snapshot is still copying.
+const SNAPSHOT_COPYING: &str = "copying";
 
 /// Longest a checkpoint write may take before it is abandoned and tried at the next tick.
 pub const CHECKPOINT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -414,6 +811,10 @@ pub struct Checkpointer {
     last_written: Option<Position>,
     /// A start position known only by time (no token yet).
     pub initial_time: Option<bson::Timestamp>,
+    /// The namespace every write stores with the token (see [`Checkpoint::namespace`]).
+    pub namespace: Option<String>,
+    /// The lease this life holds (leases on): every write is fenced by it.
+    pub fence: Option<Fence>,
     /// Writes naming the current `revision` whose outcome is not known, oldest first. One of
     /// them may still be (or already have been) applied; none can once the revision moves.
     in_doubt: Vec<Attempt>,
@@ -487,12 +888,14 @@ impl Checkpointer {
                 token: Some(p.token.clone()),
                 cluster_time: p.cluster_time.or(tracker.frontier_event_time()),
                 paused: self.paused,
+                namespace: self.namespace.clone(),
             },
             None => match self.initial_time {
                 Some(ts) => Checkpoint {
                     token: None,
                     cluster_time: Some(ts),
                     paused: self.paused,
+                    namespace: self.namespace.clone(),
                 },
                 // Nothing known yet; there is nothing to protect.
                 None => return Ok(false),
@@ -538,7 +941,9 @@ impl Checkpointer {
             checkpoint: checkpoint.clone(),
             position: position.cloned(),
         };
-        let write = store.save(watcher, expected, checkpoint);
+        let snapshot = position.and_then(|p| p.snapshot.as_deref());
+        let write =
+            store.save_snapshot(watcher, expected, checkpoint, snapshot, self.fence.as_ref());
         let result = match tokio::time::timeout(CHECKPOINT_WRITE_TIMEOUT, write).await {
             Ok(result) => result,
             Err(_) => Err(WatcherError::CheckpointInDoubt {
@@ -710,14 +1115,39 @@ fn parse_item(
             .ok_or_else(|| corrupt("`revision` is not a number".into()))?,
     };
     let updated_at = item.get("updated_at").and_then(|v| v.as_s().ok()).cloned();
+    let namespace = match item.get("namespace") {
+        None => None,
+        Some(AttributeValue::S(ns)) => Some(ns.clone()),
+        Some(_) => return Err(corrupt("`namespace` is not a string".into())),
+    };
+    let snapshot = match item.get("snapshot") {
+        None => None,
+        Some(AttributeValue::S(state)) if state == SNAPSHOT_COPYING => {
+            match item.get("snapshot_progress") {
+                None => Some(SnapshotProgress::default()),
+                Some(AttributeValue::S(text)) => match parse_token(text).map_err(corrupt)? {
+                    Bson::Document(d) => {
+                        Some(SnapshotProgress::from_document(&d).map_err(corrupt)?)
+                    }
+                    _ => return Err(corrupt("`snapshot_progress` is not a document".into())),
+                },
+                Some(_) => return Err(corrupt("`snapshot_progress` is not a string".into())),
+            }
+        }
+        // Any other state (a later version's) has no copy to continue.
+        Some(AttributeValue::S(_)) => None,
+        Some(_) => return Err(corrupt("`snapshot` is not a string".into())),
+    };
     Ok(Stored {
         checkpoint: Checkpoint {
             token,
             cluster_time,
             paused,
+            namespace,
         },
         revision,
         updated_at,
+        snapshot,
     })
 }
 
@@ -789,7 +1219,7 @@ pub(crate) mod fake {
 
     use tokio::time::Instant;
 
-    use super::{Checkpoint, CheckpointBackend, Stored};
+    use super::{Checkpoint, CheckpointBackend, Fence, Stored};
     use crate::error::{InDoubt, WatcherError};
 
     /// The table name in errors.
@@ -899,6 +1329,7 @@ pub(crate) mod fake {
                 checkpoint,
                 revision,
                 updated_at: None,
+                snapshot: None,
             },
         );
         revision
@@ -932,6 +1363,7 @@ pub(crate) mod fake {
                 checkpoint: checkpoint.clone(),
                 revision,
                 updated_at: None,
+                snapshot: None,
             },
         );
         inner.written.push((Instant::now(), checkpoint.clone()));
@@ -972,6 +1404,7 @@ pub(crate) mod fake {
             watcher: &str,
             expected: Option<u64>,
             checkpoint: &Checkpoint,
+            _fence: Option<&Fence>,
         ) -> Result<u64, WatcherError> {
             let answer = {
                 let mut guard = self.lock();
@@ -1076,6 +1509,150 @@ mod tests {
         assert!(err.contains("`resume_token` is not JSON"), "{err}");
     }
 
+    #[test]
+    fn the_namespace_is_read_where_stored_and_old_items_stay_readable() {
+        let mut item = HashMap::from([
+            ("watcher".to_owned(), AttributeValue::S("w".into())),
+            (
+                "resume_token".to_owned(),
+                AttributeValue::S(r#"{"_data": "abc"}"#.into()),
+            ),
+            ("revision".to_owned(), AttributeValue::N("3".into())),
+        ]);
+        let old = parse_item("w", &item).expect("an item written before namespaces");
+        assert_eq!(old.checkpoint.namespace, None);
+        item.insert("namespace".into(), AttributeValue::S("shop.orders".into()));
+        let new = parse_item("w", &item).unwrap();
+        assert_eq!(new.checkpoint.namespace.as_deref(), Some("shop.orders"));
+        item.insert("namespace".into(), AttributeValue::N("1".into()));
+        let err = parse_item("w", &item).unwrap_err().to_string();
+        assert!(err.contains("`namespace` is not a string"), "{err}");
+    }
+
+    #[test]
+    fn a_copy_in_progress_is_read_with_its_last_acknowledged_id() {
+        let mut item = HashMap::from([
+            ("watcher".to_owned(), AttributeValue::S("w".into())),
+            (
+                "resume_token".to_owned(),
+                AttributeValue::S(r#"{"_data": "abc"}"#.into()),
+            ),
+            ("revision".to_owned(), AttributeValue::N("3".into())),
+        ]);
+        assert_eq!(parse_item("w", &item).unwrap().snapshot, None);
+        item.insert("snapshot".into(), AttributeValue::S("copying".into()));
+        assert_eq!(
+            parse_item("w", &item).unwrap().snapshot,
+            Some(SnapshotProgress::default()),
+            "started, no range planned yet"
+        );
+        let progress = SnapshotProgress {
+            ranges: vec![
+                CopyRange {
+                    min: None,
+                    max: Some(Bson::Int64(500)),
+                    after: Some(Bson::Int64(41)),
+                    done: false,
+                },
+                CopyRange {
+                    min: Some(Bson::Int64(500)),
+                    max: Some(Bson::String("s".into())),
+                    after: None,
+                    done: true,
+                },
+                CopyRange {
+                    min: Some(Bson::String("s".into())),
+                    max: None,
+                    after: Some(Bson::ObjectId(bson::oid::ObjectId::new())),
+                    done: false,
+                },
+            ],
+            filter: Some(bson::doc! {"kind": "a", "n": {"$gte": 3_i64}}),
+            cluster_time: Some(Timestamp {
+                time: 7,
+                increment: 9,
+            }),
+        };
+        let text = Bson::Document(progress.to_document())
+            .into_canonical_extjson()
+            .to_string();
+        item.insert("snapshot_progress".into(), AttributeValue::S(text));
+        assert_eq!(parse_item("w", &item).unwrap().snapshot, Some(progress));
+        item.insert("snapshot".into(), AttributeValue::S("done".into()));
+        assert_eq!(parse_item("w", &item).unwrap().snapshot, None);
+        item.insert("snapshot".into(), AttributeValue::Bool(true));
+        let err = parse_item("w", &item).unwrap_err().to_string();
+        assert!(err.contains("`snapshot` is not a string"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_checkpointer_stores_its_namespace_with_every_write() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = Checkpointer {
+            namespace: Some("shop.orders".into()),
+            ..Checkpointer::default()
+        };
+        assert!(cp.write(&store, W, &tracker_at(1), true).await.unwrap());
+        assert!(cp.write(&store, W, &tracker_at(2), false).await.unwrap());
+        let written: Vec<_> = store
+            .written()
+            .into_iter()
+            .map(|(_, c)| c.namespace)
+            .collect();
+        assert_eq!(
+            written,
+            [
+                Some("shop.orders".to_owned()),
+                Some("shop.orders".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_table_and_the_action_to_grant() {
+        use aws_sdk_dynamodb::error::ErrorMetadata;
+        use aws_sdk_dynamodb::operation::get_item::GetItemError;
+        let client = aws_sdk_dynamodb::Client::from_conf(
+            aws_sdk_dynamodb::Config::builder()
+                .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+                .build(),
+        );
+        let store = CheckpointStore::new(client, "cps");
+        let service_error = |code: &str| {
+            let meta = ErrorMetadata::builder()
+                .code(code)
+                .message("User: arn:aws:sts::1:assumed-role/task/x is not authorized")
+                .build();
+            SdkError::service_error(GetItemError::generic(meta), ())
+        };
+        let denied = store.error("GetItem", service_error("AccessDeniedException"));
+        assert!(
+            matches!(
+                &denied,
+                WatcherError::AccessDenied {
+                    resource: AwsResource::DynamoDbTable(t),
+                    operation: "GetItem",
+                    ..
+                } if t == "cps"
+            ),
+            "{denied}"
+        );
+        assert!(denied
+            .to_string()
+            .contains("grant `dynamodb:GetItem` on DynamoDB table `cps` to the task role"));
+        assert!(matches!(
+            store.error("GetItem", service_error("ResourceNotFoundException")),
+            WatcherError::CheckpointTableMissing { .. }
+        ));
+        let throttled = store.error("GetItem", service_error("ThrottlingException"));
+        assert_eq!(
+            throttled.to_string(),
+            "checkpoint table `cps`: GetItem failed: ThrottlingException: User: \
+             arn:aws:sts::1:assumed-role/task/x is not authorized",
+            "one line: the code and the service's words"
+        );
+    }
+
     // ---- the checkpointer settling writes with unknown outcomes (issue 7, item 6) ----
 
     use super::fake::{Fault, MemoryCheckpoints};
@@ -1092,13 +1669,14 @@ mod tests {
             token: Some(token(n)),
             cluster_time: None,
             paused: false,
+            namespace: None,
         }
     }
 
     /// A tracker whose frontier is `token(n)`.
     fn tracker_at(n: u32) -> AckTracker {
         let mut t = AckTracker::new();
-        t.push_idle(token(n));
+        t.push_idle(token(n), None);
         t
     }
 
@@ -1323,6 +1901,7 @@ mod tests {
                 checkpoint: at(1),
                 revision: 1,
                 updated_at: None,
+                snapshot: None,
             },
         );
         assert!(life2.write(&store, W, &tracker_at(2), true).await.unwrap());
@@ -1338,6 +1917,7 @@ mod tests {
                 checkpoint: at(1),
                 revision: 1,
                 updated_at: None,
+                snapshot: None,
             },
         );
         let err = Checkpointer::default()
@@ -1370,6 +1950,7 @@ mod tests {
                 checkpoint: at(2),
                 revision: 2,
                 updated_at: None,
+                snapshot: None,
             },
         );
         assert!(cp.write(&store, W, &tracker_at(3), false).await.unwrap());
@@ -1389,18 +1970,21 @@ mod tests {
     #[tokio::test]
     async fn the_fake_compares_and_sets_as_dynamodb() {
         let store = MemoryCheckpoints::new();
-        assert_eq!(store.save(W, None, &at(1)).await.unwrap(), 1);
+        assert_eq!(store.save(W, None, &at(1), None).await.unwrap(), 1);
         let conflict = |r: Result<u64, WatcherError>| {
             matches!(r, Err(WatcherError::CheckpointConflict { .. }))
         };
-        assert!(conflict(store.save(W, None, &at(2)).await), "item exists");
         assert!(
-            conflict(store.save(W, Some(5), &at(2)).await),
+            conflict(store.save(W, None, &at(2), None).await),
+            "item exists"
+        );
+        assert!(
+            conflict(store.save(W, Some(5), &at(2), None).await),
             "wrong revision"
         );
-        assert_eq!(store.save(W, Some(1), &at(2)).await.unwrap(), 2);
+        assert_eq!(store.save(W, Some(1), &at(2), None).await.unwrap(), 2);
         // `attribute_not_exists(watcher) OR revision = :expected`: a missing item is written.
-        assert_eq!(store.save("other", Some(7), &at(1)).await.unwrap(), 8);
+        assert_eq!(store.save("other", Some(7), &at(1), None).await.unwrap(), 8);
         assert_eq!(store.load(W).await.unwrap().map(|s| s.revision), Some(2));
         let written: Vec<_> = store.written().into_iter().map(|(_, c)| c).collect();
         assert_eq!(written, [at(1), at(2), at(1)], "applied writes, in order");

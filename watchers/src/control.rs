@@ -48,6 +48,17 @@ pub enum Command {
     Resume(oneshot::Sender<Result<(), ControlError>>),
     /// Flush, then restart the stream at the target (a paused watcher stays paused there).
     Rewind(RewindTarget, oneshot::Sender<Result<(), ControlError>>),
+    /// Copy the collection's documents (those matching the filter, if any) again as snapshot
+    /// records while the change stream keeps its position; answered once the copy has begun.
+    /// Refused (409) while a copy runs, and by a watcher that is not running.
+    Snapshot(SnapshotRequest, oneshot::Sender<Result<(), ControlError>>),
+}
+
+/// An on-demand backfill (`POST /watchers/{name}/snapshot`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotRequest {
+    /// Only documents matching this query filter (as for `find`); `None` copies them all.
+    pub filter: Option<bson::Document>,
 }
 
 /// The API's view of one watcher.
@@ -108,6 +119,16 @@ impl WatcherHandle {
             }
         }
         self.send(|reply| Command::Rewind(target, reply), timeout)
+            .await
+    }
+
+    /// Starts an on-demand backfill (see [`Command::Snapshot`]).
+    pub async fn snapshot(
+        &self,
+        request: SnapshotRequest,
+        timeout: Duration,
+    ) -> Result<(), ControlError> {
+        self.send(|reply| Command::Snapshot(request, reply), timeout)
             .await
     }
 

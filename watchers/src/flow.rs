@@ -124,11 +124,12 @@ impl ByteBudget {
     }
 }
 
-/// Bytes of one event taken from a watcher's budget and the process's, given back on drop.
+/// Bytes of one event taken from a watcher's budget and the process's (and a copy's share,
+/// for a snapshot record), given back on drop.
 #[derive(Debug)]
 pub struct Reservation {
     bytes: usize,
-    budgets: [Option<Arc<ByteBudget>>; 2],
+    budgets: [Option<Arc<ByteBudget>>; 3],
 }
 
 impl Reservation {
@@ -140,10 +141,30 @@ impl Reservation {
         // Built before the second wait, so a reader cancelled there gives the first back.
         let mut taken = Self {
             bytes,
-            budgets: [Some(watcher.clone()), None],
+            budgets: [Some(watcher.clone()), None, None],
         };
         process.reserve(bytes).await;
         taken.budgets[1] = Some(process.clone());
+        taken
+    }
+
+    /// As [`Self::take`], after room in `copy`, a copy's share of the watcher's budget: its
+    /// documents never hold more than that share, and the change stream keeps the rest.
+    pub async fn take_copy(
+        copy: &Arc<ByteBudget>,
+        watcher: &Arc<ByteBudget>,
+        process: &Arc<ByteBudget>,
+        bytes: usize,
+    ) -> Self {
+        copy.reserve(bytes).await;
+        // Held from here on, so that a reader cancelled in the waits below gives it back.
+        let mut share = Self {
+            bytes,
+            budgets: [Some(copy.clone()), None, None],
+        };
+        let mut taken = Self::take(watcher, process, bytes).await;
+        // Moved: `share` is dropped holding nothing, `taken` gives the copy's bytes back.
+        taken.budgets[2] = share.budgets[0].take();
         taken
     }
 
@@ -212,6 +233,22 @@ mod tests {
         assert_eq!((watcher.used(), process.used()), (30, 30));
         drop(second);
         assert_eq!((watcher.used(), process.used()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_copy_takes_its_share_and_gives_it_back() {
+        let (copy, watcher, process) = (
+            ByteBudget::new(50),
+            ByteBudget::new(100),
+            ByteBudget::new(100),
+        );
+        let taken = Reservation::take_copy(&copy, &watcher, &process, 40).await;
+        assert_eq!((copy.used(), watcher.used(), process.used()), (40, 40, 40));
+        assert!(!copy.try_reserve(20), "the copy's share is spent");
+        assert!(watcher.try_reserve(20), "the stream still has the rest");
+        watcher.release(20);
+        drop(taken);
+        assert_eq!((copy.used(), watcher.used(), process.used()), (0, 0, 0));
     }
 
     #[tokio::test]

@@ -110,10 +110,17 @@ where
         SdkError::ConstructionFailure(_) => "construction".to_owned(),
         _ => "unknown".to_owned(),
     };
-    let message = if code == "ResourceNotFoundException" {
-        format!("kinesis stream `{stream}` does not exist (or is not visible to these credentials)")
-    } else {
-        DisplayErrorContext(&err).to_string()
+    let message = match &err {
+        _ if code == "ResourceNotFoundException" => format!(
+            "kinesis stream `{stream}` does not exist (or is not visible to these credentials)"
+        ),
+        // The service's own words: the SDK's full context repeats them with the raw response,
+        // too long for a reason an operator reads.
+        SdkError::ServiceError(e) => match e.err().message() {
+            Some(m) if !m.is_empty() => m.to_owned(),
+            _ => DisplayErrorContext(&err).to_string(),
+        },
+        _ => DisplayErrorContext(&err).to_string(),
     };
     CallError { code, message }
 }

@@ -2,13 +2,13 @@
 //! checkpoint the ack frontier, and stop at a safe point. The supervisor calls [`run`] again
 //! after a retryable error; everything a life needs is rebuilt from the checkpoint.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bson::{Bson, Document};
+use bson::{Bson, Document, RawDocumentBuf};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::Future;
 use prometheus::IntCounter;
@@ -19,17 +19,26 @@ use tracing::{error, info, warn};
 
 use crate::ack::{AckTracker, Position};
 use crate::batch::{PendingRecord, Scheduler};
-use crate::checkpoint::{CheckpointBackend, CheckpointStore, Checkpointer, InDoubtWrites};
+use crate::checkpoint::{
+    self, Checkpoint, CheckpointBackend, CheckpointStore, Checkpointer, InDoubtWrites,
+    SnapshotProgress, Stored,
+};
+use crate::claim_check::{ClaimCheck, EventHead, PutError, Upload};
 use crate::control::Command;
-use crate::error::WatcherError;
+use crate::error::{
+    aws_refusal, is_foreign_resume_token, summary, AwsResource, MongoLogin, Retry, TokenOrigin,
+    WatcherError,
+};
 use crate::flow::{record_delay, ByteBudget, Reservation, SendLimit};
 use crate::kinesis::{CallError, KinesisSink, RecordResult, RecordSink};
 use crate::metrics::{Metrics, WatcherMetrics};
 use crate::reader::{self, Decoded, ReaderMsg, StartPosition, Undecodable};
-use crate::record::{self, MAX_RECORD_BYTES};
+use crate::record::{self, EventRecord};
 use crate::retry::Backoff;
-use crate::spec::{OnOversized, OnUndeliverable, StartAt, WatcherSpec};
-use crate::status::{wall_time, State, StatusTx, StoredPosition};
+use crate::snapshot;
+use crate::spec::{Aggregation, OnOversized, OnUndeliverable, Snapshot, StartAt, WatcherSpec};
+use crate::status::{wall_time, SnapshotStatus, State, StatusTx, StoredPosition};
+use crate::stream_limits::{StreamLimits, StreamLimitsCache};
 
 /// How long a stopping watcher keeps sending what it has read before it gives up (the rest is
 /// read again after a restart: nothing past the frontier was checkpointed).
@@ -43,11 +52,17 @@ const READ_BURST: usize = 256;
 #[derive(Clone)]
 pub struct Deps {
     pub mongo: mongodb::Client,
+    /// Who `mongo` logs in as, for messages.
+    pub mongo_login: MongoLogin,
     pub kinesis: aws_sdk_kinesis::Client,
     pub checkpoints: Option<CheckpointStore>,
     pub metrics: Metrics,
     /// Bytes read and not yet acknowledged, shared by every watcher of the process.
     pub memory: Arc<ByteBudget>,
+    /// Each stream's record and call size, read once per stream per process.
+    pub stream_limits: StreamLimitsCache,
+    /// For `on_oversized: s3`; `None` when no watcher claim-checks.
+    pub s3: Option<aws_sdk_s3::Client>,
 }
 
 /// How a life ended without an error.
@@ -74,10 +89,33 @@ pub struct Carry {
     pub start_override: Option<StartPosition>,
     /// Checkpoint writes of the last life whose outcome is unknown (they may still land).
     pub in_doubt: InDoubtWrites,
+    /// With leases: the lease the next life holds, set by the supervisor before each life.
+    /// Every checkpoint write of the life is fenced by it, and the life's first act is a
+    /// fencing write of the stored checkpoint, so a replica that held the lease before can
+    /// no longer write.
+    pub fence: Option<crate::lease::Fence>,
+    /// Without a checkpoint table: the last life's unfinished copy, continued by the next.
+    pub snapshot: Option<Arc<SnapshotProgress>>,
 }
 
 /// Runs the watcher until `cancel` fires (Ok) or it fails (Err, with its state).
 pub async fn run(
+    spec: Arc<WatcherSpec>,
+    deps: Deps,
+    status: StatusTx,
+    cancel: CancellationToken,
+    carry: &mut Carry,
+    commands: &mut mpsc::Receiver<Command>,
+) -> Result<Exit, WatcherError> {
+    let login = deps.mongo_login.clone();
+    // A failed login can surface wherever the driver opens a connection (the stream's open,
+    // a getMore after a reconnect): named once, here, for every way a life ends.
+    life(spec, deps, status, cancel, carry, commands)
+        .await
+        .map_err(|e| e.with_login(&login))
+}
+
+async fn life(
     spec: Arc<WatcherSpec>,
     deps: Deps,
     status: StatusTx,
@@ -96,6 +134,7 @@ pub async fn run(
     });
     let metrics = deps.metrics.for_watcher(&spec.name);
     let mut cp = Checkpointer::with_in_doubt(std::mem::take(&mut carry.in_doubt));
+    cp.namespace = Some(checkpoint::namespace(&spec));
     let stored = match &deps.checkpoints {
         Some(store) => {
             store.verify_table().await?;
@@ -103,39 +142,76 @@ pub async fn run(
         }
         None => None,
     };
+    cp.fence = carry.fence.clone();
+    if let (Some(store), Some(s), Some(fence)) = (&deps.checkpoints, &stored, &carry.fence) {
+        // The stored checkpoint, written again under this lease: from here on no earlier
+        // owner's write can land. It fails like any conditional write when an earlier owner
+        // wrote since the load; the next life loads that and tries again.
+        let snapshot = s.snapshot.as_ref();
+        let revision = store
+            .save_snapshot(
+                &spec.name,
+                Some(s.revision),
+                &s.checkpoint,
+                snapshot,
+                Some(fence),
+            )
+            .await?;
+        info!(
+            epoch = fence.epoch,
+            revision, "checkpoint fenced under this replica's lease"
+        );
+        cp.revision = Some(revision);
+    }
     if let Some(s) = &stored {
-        cp.revision = Some(s.revision);
+        cp.revision = cp.revision.or(Some(s.revision));
         cp.paused = s.checkpoint.paused;
+        // Shown (and measured against the oplog) from the start, not only after this
+        // process's first write: a watcher that comes back paused or parked writes none.
+        let position = shown_position(&s.checkpoint);
+        status.update(|st| st.checkpoint = Some(position));
     }
     let start_override = carry.start_override.take();
     if start_override.is_none() && stored.as_ref().is_some_and(|s| s.checkpoint.paused) {
         return Ok(Exit::StoredPaused);
     }
     cp.paused = false;
-    let start = match (&stored, &carry.position) {
-        _ if start_override.is_some() => start_override.clone().unwrap_or(StartPosition::Latest),
-        (Some(s), _) => match (&s.checkpoint.token, s.checkpoint.cluster_time) {
-            (Some(token), _) => StartPosition::After(token.clone()),
-            (None, Some(ts)) => StartPosition::At(ts),
-            (None, None) => StartPosition::Latest,
-        },
-        (None, Some(token)) => StartPosition::After(token.clone()),
-        (None, None) => match &spec.start_at {
-            StartAt::Latest => StartPosition::Latest,
-            StartAt::Timestamp(dt) => StartPosition::At(bson::Timestamp {
-                time: (dt.timestamp_millis().max(0) / 1000) as u32,
-                increment: 0,
-            }),
-            StartAt::ResumeToken(t) => StartPosition::After(t.clone()),
-        },
-    };
+    let table = deps
+        .checkpoints
+        .as_ref()
+        .map(|s| s.table())
+        .unwrap_or_default();
+    let Start {
+        position: start,
+        origin,
+    } = resolve_start(
+        &spec,
+        table,
+        stored.as_ref(),
+        carry.position.as_ref(),
+        start_override.clone(),
+    )?;
     let first_start = stored.is_none() || start_override.is_some();
+    // A copy to run beside the stream: the rest of one the checkpoint (or, without a table,
+    // the last life) says is unfinished, whatever the start; else, with `snapshot: initial`,
+    // a new one on the watcher's very first start.
+    let carried_copy = carry.snapshot.take();
+    let resumed_copy = match &deps.checkpoints {
+        Some(_) => stored.as_ref().and_then(|s| s.snapshot.clone()),
+        None => carried_copy.map(|p| (*p).clone()),
+    };
+    let new_copy = resumed_copy.is_none()
+        && spec.snapshot == Snapshot::Initial
+        && stored.is_none()
+        && start_override.is_none()
+        && carry.position.is_none();
+    let limits = deps.stream_limits.get(&deps.kinesis, &spec.stream).await;
     info!(start = %start_label(&start), from_checkpoint = !first_start, "opening change stream");
     let stream = match reader::open(&deps.mongo, &spec, &start).await {
         Ok(stream) => stream,
         Err(e) => {
             carry.start_override = start_override;
-            return Err(e);
+            return Err(foreign_token(e, &spec, origin));
         }
     };
 
@@ -151,18 +227,67 @@ pub async fn run(
             (StartPosition::After(token), None) => Some(token.clone()),
             _ => None,
         };
+        if new_copy && initial.is_none() {
+            // Refused before anything is stored, so the next life does not take the stored
+            // start for a finished copy. The config refuses `start_at` times with it already.
+            return Err(WatcherError::Mongo(mongodb::error::Error::custom(
+                "snapshot: initial needs the change stream's start as a resume token, and the \
+                 server sent none when the stream opened",
+            )));
+        }
         match (initial, &start) {
-            (Some(token), _) => tracker.push_idle(token),
+            (Some(token), _) => tracker.push_idle(token, None),
             (None, StartPosition::At(ts)) => cp.initial_time = Some(*ts),
             (None, _) => cp.initial_time = operation_time(&deps.mongo).await,
         }
-        if let Some(store) = &deps.checkpoints {
-            if let Err(e) = cp.write(store, &spec.name, &tracker, true).await {
-                carry.in_doubt = cp.take_in_doubt();
-                return Err(e);
+    }
+    let copy_progress = match (resumed_copy, new_copy) {
+        (Some(progress), _) => Some(progress),
+        (None, true) => Some(SnapshotProgress {
+            cluster_time: operation_time(&deps.mongo).await,
+            ..SnapshotProgress::default()
+        }),
+        (None, false) => None,
+    };
+    let copy_progress = match copy_progress {
+        Some(mut progress) => {
+            if progress.ranges.is_empty() {
+                progress.ranges = snapshot::plan(
+                    &deps.mongo,
+                    &spec,
+                    progress.filter.as_ref(),
+                    spec.snapshot_parallelism,
+                )
+                .await;
             }
-            record_checkpoint(&status, &metrics, &cp);
+            let progress = Arc::new(progress);
+            // The stored (or just recorded) position, now with the copy's progress: what
+            // the first write stores before anything is read.
+            if let Some(newest) = tracker.newest().cloned() {
+                tracker.push_marker(Position {
+                    snapshot: Some(progress.clone()),
+                    ..newest
+                });
+            } else if let Some(token) = stored.as_ref().and_then(|s| s.checkpoint.token.clone()) {
+                tracker.push_marker(Position {
+                    token,
+                    cluster_time: stored.as_ref().and_then(|s| s.checkpoint.cluster_time),
+                    snapshot: Some(progress.clone()),
+                });
+            }
+            Some(progress)
         }
+        None => None,
+    };
+    if let (Some(store), true) = (&deps.checkpoints, first_start || copy_progress.is_some()) {
+        // Resolve the start once and store it (with a copy's plan) before reading anything,
+        // so that a crash before the first acknowledged batch restarts here rather than at a
+        // later `latest`.
+        if let Err(e) = cp.write(store, &spec.name, &tracker, true).await {
+            carry.in_doubt = cp.take_in_doubt();
+            return Err(e);
+        }
+        record_checkpoint(&status, &metrics, &cp);
     }
 
     let (tx, rx) = mpsc::channel(READER_CHANNEL);
@@ -171,7 +296,14 @@ pub async fn run(
         ByteBudget::new(spec.batch.max_pending_bytes),
         deps.memory.clone(),
     ];
-    let reader_task = tokio::spawn(reader::run(stream, tx, budgets, reader_cancel.clone()));
+    // In the watcher's span, so that what the reader logs names the watcher.
+    let reader_task = tokio::spawn(tracing::Instrument::in_current_span(reader::run(
+        stream,
+        tx,
+        budgets.clone(),
+        metrics.events_reassembled(),
+        reader_cancel.clone(),
+    )));
     status.update(|s| {
         s.state = State::Running;
         s.reason = None;
@@ -180,7 +312,25 @@ pub async fn run(
     info!("watcher running");
 
     let sink = KinesisSink::new(deps.kinesis.clone(), spec.stream.clone());
-    let mut pipeline = Pipeline::new(spec.clone(), sink, status, tracker, metrics);
+    let mut pipeline = Pipeline::new(spec.clone(), sink, status, tracker, metrics, limits);
+    let [watcher_budget, process_budget] = budgets;
+    pipeline.copier = Some(Copier {
+        mongo: deps.mongo.clone(),
+        budgets: snapshot::CopyBudgets {
+            copy: ByteBudget::new((spec.batch.max_pending_bytes / 2).max(1)),
+            watcher: watcher_budget,
+            process: process_budget,
+        },
+        cancel: reader_cancel.clone(),
+    });
+    if let Some(progress) = copy_progress {
+        pipeline.begin_copy(progress, !new_copy);
+    }
+    pipeline.claim_check = deps
+        .s3
+        .clone()
+        .zip(spec.s3.as_ref())
+        .map(|(client, target)| ClaimCheck::new(client, target, &spec.name));
     let result = pipeline
         .run_loop(rx, &cancel, deps.checkpoints.as_ref(), &mut cp, commands)
         .await;
@@ -188,6 +338,7 @@ pub async fn run(
     let _ = reader_task.await;
     if let Some(p) = pipeline.tracker.frontier() {
         carry.position = Some(p.token.clone());
+        carry.snapshot = p.snapshot.clone();
     }
     pipeline.publish();
     // Final checkpoint: whatever is acknowledged, never more.
@@ -228,12 +379,95 @@ pub async fn run(
     })
 }
 
+/// Where a life opens its stream.
+#[derive(Debug, Clone, PartialEq)]
+struct Start {
+    position: StartPosition,
+    /// Where the token of an `After` start came from, when it was not proven to belong to this
+    /// collection (a rewind's target was probed; this life's own frontier is this collection's).
+    origin: Option<TokenOrigin>,
+}
+
+/// The start of a life: an operator's override, else the stored checkpoint, else the last
+/// life's frontier (no checkpoint table), else `start_at`. A checkpoint written for another
+/// namespace is refused here, before any stream is opened: resuming from it cannot succeed
+/// (or, from a time, would silently skip), and retrying cannot help.
+fn resolve_start(
+    spec: &WatcherSpec,
+    table: &str,
+    stored: Option<&Stored>,
+    carried: Option<&Bson>,
+    start_override: Option<StartPosition>,
+) -> Result<Start, WatcherError> {
+    let start = |position, origin| Start { position, origin };
+    if let Some(position) = start_override {
+        return Ok(start(position, None));
+    }
+    if let Some(s) = stored {
+        let origin = TokenOrigin::Checkpoint {
+            table: table.to_owned(),
+        };
+        let watching = checkpoint::namespace(spec);
+        if let Some(written_for) = s.checkpoint.namespace.as_ref().filter(|n| **n != watching) {
+            return Err(WatcherError::NamespaceMismatch {
+                watcher: spec.name.clone(),
+                origin,
+                written_for: Some(written_for.clone()),
+                watching,
+                server: None,
+            });
+        }
+        return Ok(match (&s.checkpoint.token, s.checkpoint.cluster_time) {
+            (Some(token), _) => start(StartPosition::After(token.clone()), Some(origin)),
+            (None, Some(ts)) => start(StartPosition::At(ts), None),
+            (None, None) => start(StartPosition::Latest, None),
+        });
+    }
+    if let Some(token) = carried {
+        return Ok(start(StartPosition::After(token.clone()), None));
+    }
+    Ok(match &spec.start_at {
+        StartAt::Latest => start(StartPosition::Latest, None),
+        StartAt::Timestamp(dt) => start(StartPosition::At(reader::cluster_time_at(*dt)), None),
+        StartAt::ResumeToken(t) => {
+            start(StartPosition::After(t.clone()), Some(TokenOrigin::StartAt))
+        }
+    })
+}
+
+/// The server refusing a stored or configured token as another collection's is a namespace
+/// mismatch (for checkpoints written before the namespace was stored with them): not retried,
+/// since every retry would meet the same refusal.
+fn foreign_token(
+    error: WatcherError,
+    spec: &WatcherSpec,
+    origin: Option<TokenOrigin>,
+) -> WatcherError {
+    match (error, origin) {
+        (WatcherError::Mongo(e), Some(origin)) if is_foreign_resume_token(&e) => {
+            WatcherError::NamespaceMismatch {
+                watcher: spec.name.clone(),
+                origin,
+                written_for: None,
+                watching: checkpoint::namespace(spec),
+                server: Some(summary(&e)),
+            }
+        }
+        (error, _) => error,
+    }
+}
+
+/// A checkpoint as `GET /watchers/{name}` shows it (and the headroom measures it).
+fn shown_position(checkpoint: &Checkpoint) -> StoredPosition {
+    StoredPosition {
+        token: checkpoint.token.as_ref().map(record::to_text),
+        cluster_time: checkpoint.cluster_time.map(wall_time),
+    }
+}
+
 fn record_checkpoint(status: &StatusTx, metrics: &WatcherMetrics, cp: &Checkpointer) {
     metrics.checkpoint_writes.inc();
-    let stored = cp.stored().map(|c| StoredPosition {
-        token: c.token.as_ref().map(record::to_text),
-        cluster_time: c.cluster_time.map(wall_time),
-    });
+    let stored = cp.stored().map(shown_position);
     status.update(|s| {
         s.last_checkpoint_at = Some(bson::DateTime::now());
         s.counters.checkpoint_writes += 1;
@@ -246,7 +480,10 @@ fn record_checkpoint(status: &StatusTx, metrics: &WatcherMetrics, cp: &Checkpoin
 /// Answers a command that the pipeline cannot carry out itself.
 pub fn answer(cmd: Command, result: Result<(), crate::control::ControlError>) {
     let reply = match cmd {
-        Command::Pause(r) | Command::Resume(r) | Command::Rewind(_, r) => r,
+        Command::Pause(r)
+        | Command::Resume(r)
+        | Command::Rewind(_, r)
+        | Command::Snapshot(_, r) => r,
     };
     let _ = reply.send(result);
 }
@@ -310,6 +547,12 @@ pub(crate) struct Pipeline<S: RecordSink> {
     kinesis_trouble: Option<String>,
     /// Why checkpoints cannot be written, while they cannot.
     checkpoint_trouble: Option<String>,
+    /// Why S3 takes no claim-checked event, while it does not.
+    s3_trouble: Option<String>,
+    /// Where `on_oversized: s3` writes events (set by [`life`] when the watcher has it).
+    claim_check: Option<ClaimCheck>,
+    /// The claim-check upload in flight; while there is one, nothing more is read.
+    upload: Option<Upload>,
     /// Why the change stream is silent, while it is.
     mongo_trouble: Option<String>,
     /// Cluster time of the newest event read.
@@ -339,7 +582,45 @@ pub(crate) struct Pipeline<S: RecordSink> {
     turns: Arc<AtomicU64>,
     /// `mongo_watcher_events_total` by operation, looked up once per operation type.
     event_counters: HashMap<String, IntCounter>,
+    /// The stream's record limit (data plus partition key); a larger record is oversized.
+    record_bytes: usize,
+    /// Bytes per call: `max_batch_bytes` within the stream's call limit, else that limit.
+    batch_bytes: usize,
+    /// Starts copies' readers; `None` in unit tests, which feed a copy's channel themselves.
+    copier: Option<Copier>,
+    /// The copy running beside the stream (an initial snapshot or an on-demand backfill).
+    copy: Option<Copy>,
+    /// Change stream messages taken in a row while a copy had documents waiting.
+    stream_streak: usize,
 }
+
+/// What starting a copy's readers takes (see [`snapshot::start`]).
+pub(crate) struct Copier {
+    mongo: mongodb::Client,
+    budgets: snapshot::CopyBudgets,
+    /// The life's readers' token: a copy's readers stop with the change stream's.
+    cancel: CancellationToken,
+}
+
+/// A copy running beside the stream.
+pub(crate) struct Copy {
+    /// Per range, the last `_id` read: entered with every position read while it runs.
+    progress: Arc<SnapshotProgress>,
+    rx: mpsc::Receiver<snapshot::CopyMsg>,
+    /// Copied documents read and not yet acknowledged (to count them when they are).
+    seqs: HashSet<u64>,
+    /// The readers' channel is closed (all of them ended): nothing more to receive.
+    closed: bool,
+    /// Stops this copy's readers (when the copy ends, or the life).
+    cancel: CancellationToken,
+}
+
+/// A copy's readers hold at most this share of `max_pending` records in the pipeline; the
+/// change stream keeps the rest (and half the bytes: [`snapshot::CopyBudgets`]).
+const COPY_SHARE_DIVISOR: usize = 2;
+/// While a copy has documents waiting, one is taken after this many change stream messages
+/// in a row, so that a busy stream slows a copy without stopping it.
+const COPY_EVERY: usize = 8;
 
 impl<S: RecordSink> Pipeline<S> {
     pub(crate) fn new(
@@ -348,9 +629,14 @@ impl<S: RecordSink> Pipeline<S> {
         status: StatusTx,
         tracker: AckTracker,
         metrics: WatcherMetrics,
+        stream: StreamLimits,
     ) -> Self {
         let batch = &spec.batch;
         Self {
+            record_bytes: stream.record_bytes,
+            batch_bytes: batch
+                .max_bytes
+                .map_or(stream.request_bytes, |b| b.min(stream.request_bytes)),
             limit: SendLimit::new(batch.max_in_flight),
             stream_backoff: Backoff::new(batch.retry_initial_backoff, batch.retry_max_backoff),
             spec: spec.clone(),
@@ -363,6 +649,9 @@ impl<S: RecordSink> Pipeline<S> {
             failing_calls: 0,
             kinesis_trouble: None,
             checkpoint_trouble: None,
+            s3_trouble: None,
+            claim_check: None,
+            upload: None,
             mongo_trouble: None,
             newest_read: None,
             last_read: Instant::now(),
@@ -377,7 +666,78 @@ impl<S: RecordSink> Pipeline<S> {
             reservations: HashMap::new(),
             turns: Arc::default(),
             event_counters: HashMap::new(),
+            copier: None,
+            copy: None,
+            stream_streak: 0,
         }
+    }
+
+    /// Starts a copy beside the stream from `progress` (ranges planned), and shows it.
+    /// `resumed`: the rest of a copy an earlier life began.
+    fn begin_copy(&mut self, progress: Arc<SnapshotProgress>, resumed: bool) {
+        let Some(copier) = &self.copier else {
+            return;
+        };
+        let cancel = copier.cancel.child_token();
+        let rx = snapshot::start(
+            &copier.mongo,
+            &self.spec,
+            &progress,
+            copier.budgets.clone(),
+            &cancel,
+        );
+        info!(
+            resumed,
+            ranges = progress.ranges.len(),
+            filter = %progress.filter.as_ref().map(|f| Bson::Document(f.clone()).into_relaxed_extjson().to_string()).unwrap_or_default(),
+            "snapshot: copying beside the change stream"
+        );
+        self.status.update(|s| {
+            s.snapshot = Some(SnapshotStatus {
+                done: false,
+                copied: 0,
+                copied_before: 0,
+                estimated_total: None,
+                started_at: bson::DateTime::now(),
+                finished_at: None,
+                ranges: progress.ranges.len(),
+                filter: progress.filter.clone(),
+            })
+        });
+        // Counting can take a while on a big collection: shown when known.
+        let (mongo, spec, status, counted) = (
+            copier.mongo.clone(),
+            self.spec.clone(),
+            self.status.clone(),
+            progress.clone(),
+        );
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
+            let (before, total) = snapshot::starting_counts(&mongo, &spec, &counted).await;
+            status.update(|s| {
+                if let Some(snap) = s.snapshot.as_mut() {
+                    snap.copied += before;
+                    snap.copied_before = before;
+                    snap.estimated_total = total;
+                }
+            });
+        }));
+        self.attach_copy(progress, rx, cancel);
+    }
+
+    /// Makes `rx` the running copy's channel (unit tests feed one directly).
+    pub(crate) fn attach_copy(
+        &mut self,
+        progress: Arc<SnapshotProgress>,
+        rx: mpsc::Receiver<snapshot::CopyMsg>,
+        cancel: CancellationToken,
+    ) {
+        self.copy = Some(Copy {
+            progress,
+            rx,
+            seqs: HashSet::new(),
+            closed: false,
+            cancel,
+        });
     }
 
     async fn run_loop(
@@ -398,17 +758,26 @@ impl<S: RecordSink> Pipeline<S> {
             if self.stop.is_some() {
                 let deadline =
                     *drain_deadline.get_or_insert_with(|| Instant::now() + DRAIN_TIMEOUT);
-                if !self.halted && Instant::now() >= deadline && !self.scheduler.is_empty() {
+                if !self.halted
+                    && Instant::now() >= deadline
+                    && (!self.scheduler.is_empty() || self.upload.is_some())
+                {
                     // Nothing new starts; calls in flight still count when they return.
                     self.halted = true;
                 }
             }
             self.dispatch();
             if self.stop.is_some() {
-                let drained = self.scheduler.is_empty() || self.halted;
+                // An upload in flight finishes within the drain deadline, its pointer sent.
+                let drained = (self.scheduler.is_empty() && self.upload.is_none()) || self.halted;
                 if self.inflight.is_empty() && drained {
+                    if let Some(upload) = self.upload.take() {
+                        self.unsent += 1;
+                        warn!(document_key = %upload.document_key, key = %upload.claim.key,
+                            "claim-check upload unfinished; the event will be read again after restart");
+                    }
                     if !self.scheduler.is_empty() {
-                        self.unsent = self.scheduler.len();
+                        self.unsent += self.scheduler.len();
                         warn!(
                             unsent = self.unsent,
                             "drain deadline passed; unsent records will be read again after restart"
@@ -418,6 +787,7 @@ impl<S: RecordSink> Pipeline<S> {
                 }
             }
             let can_read = self.can_read();
+            let can_copy = self.can_copy();
             self.watch_reader(can_read);
             let wake = self.next_wake();
             let drain_wake = drain_deadline.filter(|_| !self.halted);
@@ -434,6 +804,9 @@ impl<S: RecordSink> Pipeline<S> {
                     Command::Resume(reply) => {
                         let _ = reply.send(Ok(()));
                     }
+                    Command::Snapshot(request, reply) => {
+                        let _ = reply.send(self.on_snapshot_request(request).await);
+                    }
                     cmd => {
                         if matches!(cmd, Command::Pause(_)) {
                             info!("pausing: flushing records in flight");
@@ -447,6 +820,9 @@ impl<S: RecordSink> Pipeline<S> {
                 },
                 Some((batch, result)) = self.inflight.next(), if !self.inflight.is_empty() => {
                     self.on_put_result(batch, result);
+                }
+                result = upload_done(&mut self.upload), if self.upload.is_some() => {
+                    self.on_upload(result);
                 }
                 _ = sleep_until_opt(wake), if wake.is_some() => {}
                 _ = sleep_until_opt(drain_wake), if drain_wake.is_some() => {}
@@ -473,12 +849,16 @@ impl<S: RecordSink> Pipeline<S> {
                                 if checkpoint_failures.is_power_of_two() {
                                     warn!(error = %e, failures = checkpoint_failures, "checkpoint write failed; will retry");
                                 }
-                                if checkpoint_failures >= CHECKPOINT_FAILURES_SHOWN {
+                                // A failure that waits for a fix from outside (a permission,
+                                // the table) is shown at once; others once they persist.
+                                if checkpoint_failures >= CHECKPOINT_FAILURES_SHOWN
+                                    || e.retry() == Retry::UntilFixed
+                                {
                                     // Delivery goes on, but the stored position is frozen: a
                                     // restart would replay everything since it.
                                     self.checkpoint_trouble = Some(format!(
                                         "checkpoints cannot be written ({checkpoint_failures} \
-                                         attempts in a row; events are still delivered, a \
+                                         failed in a row; events are still delivered, a \
                                          restart would replay them since the last stored \
                                          checkpoint): {e}"
                                     ));
@@ -488,16 +868,46 @@ impl<S: RecordSink> Pipeline<S> {
                         }
                     }
                 }
+                // A copy reads what the stream leaves: when the stream has nothing waiting, or
+                // after a run of its messages (see `COPY_EVERY`).
+                msg = copy_recv(&mut self.copy),
+                    if can_copy && (rx.is_empty() || self.stream_streak >= COPY_EVERY) =>
+                {
+                    self.stream_streak = 0;
+                    self.on_copy_msg(msg);
+                    for _ in 1..READ_BURST {
+                        if !self.can_copy() || !rx.is_empty() {
+                            break;
+                        }
+                        match self.copy.as_mut().map(|c| c.rx.try_recv()) {
+                            Some(Ok(msg)) => self.on_copy_msg(Some(msg)),
+                            Some(Err(mpsc::error::TryRecvError::Disconnected)) => {
+                                self.on_copy_msg(None);
+                                break;
+                            }
+                            _ => break,
+                        }
+                    }
+                }
                 msg = rx.recv(), if can_read => {
+                    if self.copy.is_some() {
+                        self.stream_streak += 1;
+                    }
                     self.on_reader_msg(msg);
                     // Take what else the reader has ready in the same turn: one turn of the
                     // select (a timer and a cancellation waiter registered, then dropped) per
                     // burst instead of per event.
                     for _ in 1..READ_BURST {
-                        if self.stop.is_some()
-                            || self.scheduler.len() >= self.spec.batch.max_pending
-                        {
+                        // `can_read` also holds the reader back behind a claim-check upload.
+                        if !self.can_read() {
                             break;
+                        }
+                        if self.copy.is_some() {
+                            // A copy waits for its turn: see `COPY_EVERY`.
+                            if self.stream_streak >= COPY_EVERY {
+                                break;
+                            }
+                            self.stream_streak += 1;
                         }
                         match rx.try_recv() {
                             Ok(msg) => self.on_reader_msg(Some(msg)),
@@ -546,39 +956,66 @@ impl<S: RecordSink> Pipeline<S> {
         }
     }
 
-    fn on_event(&mut self, event: Document, reservation: Reservation) {
+    /// Enters an event read (`copied`: a copy's document) and queues its record.
+    fn on_event(&mut self, raw: RawDocumentBuf, reservation: Reservation, copied: bool) {
         self.reader_idle = false;
-        let Some(token) = event.get("_id").cloned() else {
+        let (key, format) = (&self.spec.partition_key, self.spec.record_format);
+        let event = match EventRecord::from_raw(&raw, key, format) {
+            Ok(event) => event,
+            // Malformed or not UTF-8 somewhere: decode leniently, or hand it to the policy.
+            Err(_) => match reader::decode(&raw) {
+                Ok((document, decoded)) => {
+                    if decoded == Decoded::Utf8Repaired {
+                        self.on_repaired(&document);
+                    }
+                    EventRecord::from_document(document, key, format)
+                }
+                Err(undecodable) => return self.on_undecodable(*undecodable),
+            },
+        };
+        let Some(token) = event.token else {
             self.halted = true;
             self.stop = Some(Err(WatcherError::MissingResumeToken));
             return;
         };
-        let position = Position {
-            token,
-            cluster_time: event.get_timestamp("clusterTime").ok(),
+        let snapshot = self.copy.as_ref().map(|c| c.progress.clone());
+        let position = match (copied, self.tracker.newest()) {
+            // A copied document: the newest stream position read, and the copy's progress.
+            (true, Some(newest)) => Position {
+                token: newest.token.clone(),
+                cluster_time: newest.cluster_time,
+                snapshot,
+            },
+            (true, None) => {
+                // `can_copy` waits for a position; never reached.
+                self.halted = true;
+                self.stop = Some(Err(WatcherError::MissingResumeToken));
+                return;
+            }
+            (false, _) => Position {
+                token,
+                cluster_time: event.cluster_time,
+                snapshot,
+            },
         };
         if position.cluster_time.is_some() {
             self.newest_read = position.cluster_time;
         }
-        let operation = event.get_str("operationType").unwrap_or("unknown");
-        match self.event_counters.get(operation) {
+        let operation = event.operation;
+        match self.event_counters.get(&operation) {
             Some(counter) => counter.inc(),
             None => {
-                let counter = self.metrics.events(operation);
+                let counter = self.metrics.events(&operation);
                 counter.inc();
-                self.event_counters.insert(operation.to_owned(), counter);
+                self.event_counters.insert(operation.clone(), counter);
             }
         }
         self.events_seen += 1;
         let seq = self.tracker.push_event(position);
-        tracing::trace!(
-            seq,
-            document_key = %event
-                .get("documentKey")
-                .map(record::to_text)
-                .unwrap_or_default(),
-            "event read"
-        );
+        tracing::trace!(seq, partition_key = %event.partition_key, "event read");
+        if let (true, Some(copy)) = (copied, self.copy.as_mut()) {
+            copy.seqs.insert(seq);
+        }
         if operation == "invalidate" {
             // Not data: everything before it is flushed, and the checkpoint may move past it
             // so that a restart with `startAfter` continues on the new collection.
@@ -587,29 +1024,144 @@ impl<S: RecordSink> Pipeline<S> {
             self.stop = Some(Err(WatcherError::Invalidated));
             return;
         }
-        let partition_key = record::partition_key(&event, &self.spec.partition_key);
-        let operation = operation.to_owned();
-        let document_key = event.get("documentKey").cloned();
-        let data = record::encode_owned(event, self.spec.record_format);
+        let (partition_key, data) = (event.partition_key, event.data);
         let size = data.len() + partition_key.len();
-        if size > MAX_RECORD_BYTES {
-            self.on_oversized(document_key.as_ref(), seq, size, &operation);
-            return;
+        if size > self.record_bytes {
+            let oversized = Oversized {
+                seq,
+                size,
+                operation: &operation,
+                document_key: event.document_key,
+                partition_key,
+                data,
+                raw: &raw,
+            };
+            return self.on_oversized(oversized, reservation);
         }
         self.reservations.insert(seq, reservation);
-        self.scheduler.push(PendingRecord {
-            seq,
-            partition_key,
-            data,
-            attempts: 0,
-        });
+        self.scheduler
+            .push(PendingRecord::new(seq, partition_key, data));
         if self.linger_deadline.is_none() {
             self.linger_deadline = Some(Instant::now() + self.spec.batch.linger);
         }
     }
 
+    /// Not while a claim-check upload is in flight: nothing read after the oversized event
+    /// may overtake its pointer record.
     fn can_read(&self) -> bool {
-        self.stop.is_none() && self.scheduler.len() < self.spec.batch.max_pending
+        self.stop.is_none()
+            && self.scheduler.len() < self.spec.batch.max_pending
+            && self.upload.is_none()
+    }
+
+    /// A copy's next document may be read: as [`Self::can_read`], within the copy's share of
+    /// `max_pending`, and once a stream position is known for its entry.
+    fn can_copy(&self) -> bool {
+        self.copy.as_ref().is_some_and(|c| {
+            !c.closed && c.seqs.len() < (self.spec.batch.max_pending / COPY_SHARE_DIVISOR).max(1)
+        }) && self.can_read()
+            && self.tracker.newest().is_some()
+    }
+
+    /// A copy's message: a document enters the pipeline with the copy's progress moved to
+    /// it; a range's end is entered as a marker, so the frontier carries it once everything
+    /// before it is acknowledged.
+    fn on_copy_msg(&mut self, msg: Option<snapshot::CopyMsg>) {
+        let Some(copy) = self.copy.as_mut() else {
+            return;
+        };
+        match msg {
+            Some(snapshot::CopyMsg::Document {
+                range,
+                raw,
+                reservation,
+            }) => {
+                let id = raw
+                    .get("documentKey")
+                    .ok()
+                    .flatten()
+                    .and_then(|k| k.as_document())
+                    .and_then(|k| k.get("_id").ok().flatten())
+                    .and_then(|id| Bson::try_from(bson::RawBson::from(id)).ok());
+                if let Some(r) = Arc::make_mut(&mut copy.progress).ranges.get_mut(range) {
+                    r.after = id;
+                }
+                self.on_event(raw, reservation, true);
+            }
+            Some(snapshot::CopyMsg::RangeDone(range)) => {
+                let progress = Arc::make_mut(&mut copy.progress);
+                if let Some(r) = progress.ranges.get_mut(range) {
+                    r.done = true;
+                }
+                info!(range, "snapshot: range read");
+                self.enter_copy_marker();
+            }
+            Some(snapshot::CopyMsg::Failed(e)) => {
+                warn!(error = %e, "snapshot: reading the collection failed; flushing what was read");
+                self.stop = Some(Err(e));
+            }
+            None => {
+                copy.closed = true;
+                if !copy.progress.all_done() && self.stop.is_none() {
+                    self.stop = Some(Err(WatcherError::Mongo(mongodb::error::Error::custom(
+                        "snapshot: the copy's readers ended before every range was read",
+                    ))));
+                }
+            }
+        }
+    }
+
+    /// Enters the newest stream position with the copy's current progress as a marker.
+    fn enter_copy_marker(&mut self) {
+        let Some(newest) = self.tracker.newest().cloned() else {
+            return;
+        };
+        let snapshot = self.copy.as_ref().map(|c| c.progress.clone());
+        self.tracker.push_marker(Position { snapshot, ..newest });
+    }
+
+    /// `POST /watchers/{name}/snapshot`: a new copy beside the stream, its plan stored with
+    /// the next checkpoint (so that a restart continues it). One at a time.
+    async fn on_snapshot_request(
+        &mut self,
+        request: crate::control::SnapshotRequest,
+    ) -> Result<(), crate::control::ControlError> {
+        use crate::control::ControlError;
+        if self.copy.is_some() {
+            return Err(ControlError::Conflict(format!(
+                "watcher `{}` is already copying; wait until GET /watchers/{} shows snapshot.state \
+                 `done`, then ask again",
+                self.spec.name, self.spec.name
+            )));
+        }
+        let Some(copier) = &self.copier else {
+            return Err(ControlError::Unavailable(
+                "no copier in this pipeline".into(),
+            ));
+        };
+        if self.tracker.newest().is_none() {
+            return Err(ControlError::Conflict(format!(
+                "watcher `{}` has no change stream position yet to hold during a copy; try \
+                 again in a few seconds",
+                self.spec.name
+            )));
+        }
+        let filter = request.filter;
+        let progress = SnapshotProgress {
+            ranges: snapshot::plan(
+                &copier.mongo,
+                &self.spec,
+                filter.as_ref(),
+                self.spec.snapshot_parallelism,
+            )
+            .await,
+            cluster_time: operation_time(&copier.mongo).await,
+            filter,
+        };
+        info!(action = "snapshot", "on-demand snapshot accepted");
+        self.begin_copy(Arc::new(progress), false);
+        self.enter_copy_marker();
+        Ok(())
     }
 
     /// Shows a change stream that has been silent for [`READER_STALL`] while the loop was
@@ -638,13 +1190,7 @@ impl<S: RecordSink> Pipeline<S> {
             self.show_health();
         }
         match msg {
-            Some(Ok(ReaderMsg::Event(event, reservation, decoded))) => {
-                if decoded == Decoded::Utf8Repaired {
-                    self.on_repaired(&event);
-                }
-                self.on_event(event, reservation)
-            }
-            Some(Ok(ReaderMsg::Undecodable(undecodable))) => self.on_undecodable(*undecodable),
+            Some(Ok(ReaderMsg::Event(raw, reservation))) => self.on_event(raw, reservation, false),
             Some(Ok(ReaderMsg::Idle(token))) => {
                 tracing::trace!(
                     token = %token
@@ -655,7 +1201,8 @@ impl<S: RecordSink> Pipeline<S> {
                 );
                 self.reader_idle = true;
                 if let Some(token) = token {
-                    self.tracker.push_idle(token);
+                    let snapshot = self.copy.as_ref().map(|c| c.progress.clone());
+                    self.tracker.push_idle(token, snapshot);
                 }
                 self.publish();
             }
@@ -701,6 +1248,7 @@ impl<S: RecordSink> Pipeline<S> {
                 let seq = self.tracker.push_event(Position {
                     token,
                     cluster_time: None,
+                    snapshot: None,
                 });
                 self.tracker.ack(seq);
                 self.metrics.skipped("undeliverable");
@@ -718,30 +1266,122 @@ impl<S: RecordSink> Pipeline<S> {
         }
     }
 
-    fn on_oversized(
-        &mut self,
-        document_key: Option<&Bson>,
-        seq: u64,
-        size: usize,
-        operation: &str,
-    ) {
-        let document_key = document_key
+    fn on_oversized(&mut self, event: Oversized<'_>, reservation: Reservation) {
+        let (seq, size, operation) = (event.seq, event.size, event.operation);
+        let document_key = event
+            .document_key
+            .as_ref()
             .map(record::to_text)
             .unwrap_or_else(|| "(none)".into());
-        match self.spec.on_oversized {
-            OnOversized::Skip => {
-                warn!(%document_key, size, operation, "record over 1 MiB skipped (on_oversized: skip)");
+        let limit = self.record_bytes;
+        match (self.spec.on_oversized, &self.claim_check) {
+            (OnOversized::S3, Some(cc)) => {
+                let mut head = EventHead::from_raw(event.raw);
+                let Some(position) = self.tracker.position(seq) else {
+                    // Entered by `on_event` just before; never behind the frontier yet.
+                    self.stop = Some(Err(WatcherError::MissingResumeToken));
+                    return;
+                };
+                // The tracker's token is the one checkpointed; the raw read is best effort. A
+                // copied document's entry holds the newest stream position, shared with the
+                // events around it: its own `_id` (`{snapshot: <_id>}`) names it, and its S3
+                // object.
+                let copied = self.copy.as_ref().is_some_and(|c| c.seqs.contains(&seq));
+                let token = match (copied, head.token.take()) {
+                    (true, Some(own)) => own,
+                    _ => position.token.clone(),
+                };
+                head.token = Some(token.clone());
+                head.cluster_time = head.cluster_time.or(position.cluster_time);
+                head.operation.get_or_insert_with(|| operation.to_owned());
+                head.document_key = head.document_key.or(event.document_key);
+                info!(%document_key, size, limit, operation, bucket = cc.bucket(),
+                    "record over the stream's limit; writing the event to s3 (on_oversized: s3)");
+                let batch = &self.spec.batch;
+                self.upload = Some(Upload::start(
+                    cc,
+                    seq,
+                    &head,
+                    &token,
+                    event.partition_key,
+                    event.data,
+                    self.spec.record_format,
+                    Backoff::new(batch.retry_initial_backoff, batch.retry_max_backoff),
+                    reservation,
+                ));
+            }
+            (OnOversized::Skip, _) => {
+                warn!(%document_key, size, limit, operation, "record over the stream's limit skipped (on_oversized: skip)");
                 self.tracker.ack(seq);
                 self.metrics.skipped("oversized");
                 self.status.update(|s| s.counters.records_skipped += 1);
             }
-            OnOversized::Fail => {
-                error!(%document_key, size, operation, "record over 1 MiB; watcher stops (on_oversized: fail)");
+            // `S3` without a client cannot happen: `Deps::s3` is built for any watcher with it.
+            (OnOversized::Fail | OnOversized::S3, _) => {
+                error!(%document_key, size, limit, operation, "record over the stream's limit; watcher stops (on_oversized: fail)");
                 self.stop = Some(Err(WatcherError::Oversized {
                     document_key,
                     size,
-                    limit: MAX_RECORD_BYTES,
+                    limit,
                 }));
+            }
+        }
+    }
+
+    /// A claim-check upload ended: once the object is written, the pointer record takes the
+    /// event's place (its seq, so the event is acknowledged, and checkpointed, with it); a
+    /// failure is retried after the watcher's backoff, the reader waiting meanwhile.
+    fn on_upload(&mut self, result: Result<(), PutError>) {
+        let (Some(mut upload), Some(cc)) = (self.upload.take(), self.claim_check.as_ref()) else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                info!(document_key = %upload.document_key, bucket = %upload.claim.bucket,
+                    key = %upload.claim.key, bytes = upload.claim.bytes,
+                    "oversized event written to s3; its pointer record is queued");
+                self.metrics.claim_checked();
+                if self.s3_trouble.take().is_some() {
+                    info!("s3 takes claim-checked events again");
+                    self.show_health();
+                }
+                self.reservations.insert(upload.seq, upload.reservation);
+                self.scheduler.push(PendingRecord::new(
+                    upload.seq,
+                    upload.partition_key,
+                    upload.pointer,
+                ));
+                if self.linger_deadline.is_none() {
+                    self.linger_deadline = Some(Instant::now() + self.spec.batch.linger);
+                }
+            }
+            Err(e) => {
+                let delay = upload.retry(cc);
+                let failures = upload.failures;
+                if failures.is_power_of_two() {
+                    warn!(error = %e.detail, document_key = %upload.document_key,
+                        bucket = %upload.claim.bucket, key = %upload.claim.key, failures,
+                        retry_in = ?delay, "claim-check upload to s3 failed; reading waits");
+                }
+                let bucket = cc.bucket();
+                if e.waits_for_fix(bucket) || failures >= BACKING_OFF_AFTER {
+                    let error = match (e.refusal(bucket), &e.code) {
+                        (Some(refusal), _) => refusal.to_string(),
+                        (None, Some(code)) => {
+                            format!("{code}: {}", e.message.as_deref().unwrap_or_default())
+                        }
+                        (None, None) => e.detail.clone(),
+                    };
+                    // The change stream waits behind this event: nothing after it moves.
+                    self.s3_trouble = Some(format!(
+                        "s3 bucket `{bucket}`: an event too large for a record (document key \
+                         {}, {} bytes) cannot be written ({failures} failed in a row; retried, \
+                         reading waits): {error}",
+                        upload.document_key, upload.claim.bytes
+                    ));
+                    self.show_health();
+                }
+                self.upload = Some(upload);
             }
         }
     }
@@ -763,16 +1403,17 @@ impl<S: RecordSink> Pipeline<S> {
         {
             let flush = self
                 .scheduler
-                .ready_fills_batch(batch_cfg.max_records, batch_cfg.max_bytes)
+                .ready_fills_batch(batch_cfg.max_records, self.batch_bytes)
                 || self.reader_idle
                 || self.stop.is_some()
                 || self.linger_deadline.is_some_and(|d| now >= d);
             if !flush {
                 break;
             }
-            let batch = self
-                .scheduler
-                .next_batch(batch_cfg.max_records, batch_cfg.max_bytes);
+            let pack = (self.spec.aggregation == Aggregation::Kpl).then_some(self.record_bytes);
+            let batch =
+                self.scheduler
+                    .next_batch_packed(batch_cfg.max_records, self.batch_bytes, pack);
             if batch.is_empty() {
                 break;
             }
@@ -802,18 +1443,36 @@ impl<S: RecordSink> Pipeline<S> {
         let jitter = rand::random::<f64>();
         let mut rejected = 0u64;
         let mut accepted = 0u64;
+        // Events acknowledged inside aggregated records.
+        let mut aggregated = 0u64;
+        // Snapshot records acknowledged.
+        let mut copied = 0u64;
         let mut last_error = String::new();
+        let mut refusal = None;
         let call_failed = match result {
             Ok(results) => {
                 let mut codes: HashMap<String, u64> = HashMap::new();
                 for (record, outcome) in batch.into_iter().zip(results) {
                     match outcome {
                         RecordResult::Accepted => {
-                            tracing::trace!(seq = record.seq, "acknowledged");
-                            accepted += 1;
+                            tracing::trace!(
+                                seq = record.seq,
+                                events = record.events(),
+                                "acknowledged"
+                            );
+                            accepted += record.events() as u64;
+                            if !record.packed.is_empty() {
+                                aggregated += record.events() as u64;
+                            }
                             self.scheduler.ack(&record);
-                            self.tracker.ack(record.seq);
-                            self.reservations.remove(&record.seq);
+                            if let Some(copy) = self.copy.as_mut() {
+                                copied +=
+                                    record.seqs().filter(|s| copy.seqs.remove(s)).count() as u64;
+                            }
+                            for seq in record.seqs() {
+                                self.tracker.ack(seq);
+                                self.reservations.remove(&seq);
+                            }
                         }
                         RecordResult::Rejected {
                             error_code,
@@ -842,6 +1501,12 @@ impl<S: RecordSink> Pipeline<S> {
             Err(call_error) => {
                 rejected = batch.len() as u64;
                 last_error = call_error.to_string();
+                refusal = aws_refusal(
+                    AwsResource::KinesisStream(self.sink.stream().to_owned()),
+                    "PutRecords",
+                    Some(&call_error.code),
+                    Some(&call_error.message),
+                );
                 self.metrics.call_failed(&call_error.code);
                 self.metrics
                     .retries(&format!("call_{}", call_error.code), rejected);
@@ -852,6 +1517,17 @@ impl<S: RecordSink> Pipeline<S> {
             }
         };
         self.metrics.records_put.inc_by(accepted);
+        if aggregated > 0 {
+            self.metrics.records_aggregated.inc_by(aggregated);
+        }
+        if copied > 0 {
+            self.metrics.snapshot_records(copied);
+            self.status.update(|s| {
+                if let Some(snap) = s.snapshot.as_mut() {
+                    snap.copied += copied;
+                }
+            });
+        }
         self.status.update(|s| {
             s.counters.records_put += accepted;
             s.counters.put_retries += rejected;
@@ -883,7 +1559,12 @@ impl<S: RecordSink> Pipeline<S> {
                     );
                 }
             }
-            if self.failing_calls >= BACKING_OFF_AFTER {
+            if let Some(refusal) = refusal {
+                // A permission does not come back by itself: shown at once. The calls go on at
+                // the stream backoff, so delivery resumes by itself once it is granted.
+                self.kinesis_trouble = Some(refusal.to_string());
+                self.show_health();
+            } else if self.failing_calls >= BACKING_OFF_AFTER {
                 self.kinesis_trouble = Some(format!(
                     "kinesis stream `{}`: nothing acknowledged in the last {} calls: {last_error}",
                     self.sink.stream(),
@@ -905,6 +1586,7 @@ impl<S: RecordSink> Pipeline<S> {
         let trouble = self
             .kinesis_trouble
             .as_ref()
+            .or(self.s3_trouble.as_ref())
             .or(self.mongo_trouble.as_ref())
             .or(self.checkpoint_trouble.as_ref());
         match trouble {
@@ -929,6 +1611,28 @@ impl<S: RecordSink> Pipeline<S> {
         let pending_bytes = self.scheduler.held_bytes();
         let records_delayed = self.scheduler.delayed_len();
         let calls_in_flight = self.inflight.len();
+        // The copy is done once every range is read and its end behind the frontier (every
+        // copied record acknowledged, or skipped by policy): the next positions carry no
+        // progress, so the next checkpoint drops it.
+        let copy_done = self.copy.as_ref().is_some_and(|c| c.progress.all_done())
+            && self
+                .tracker
+                .frontier()
+                .and_then(|p| p.snapshot.as_ref())
+                .is_some_and(|p| p.all_done());
+        if copy_done {
+            if let Some(copy) = self.copy.take() {
+                copy.cancel.cancel();
+            }
+            self.enter_copy_marker();
+            info!("snapshot: every copied document acknowledged");
+            self.status.update(|s| {
+                if let Some(snap) = s.snapshot.as_mut() {
+                    snap.done = true;
+                    snap.finished_at = Some(bson::DateTime::now());
+                }
+            });
+        }
         self.metrics
             .flow(limit, pending_records, pending_bytes, records_delayed);
         self.status.update(|s| {
@@ -970,6 +1674,35 @@ impl<S: RecordSink> Pipeline<S> {
             }
         }
     }
+}
+
+/// A running copy's next message; pending forever without one.
+async fn copy_recv(copy: &mut Option<Copy>) -> Option<snapshot::CopyMsg> {
+    match copy {
+        Some(copy) => copy.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome of the claim-check upload in flight (never, without one).
+async fn upload_done(upload: &mut Option<Upload>) -> Result<(), PutError> {
+    match upload {
+        Some(upload) => upload.done().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An event whose record is over the stream's limit, as `on_oversized` takes it.
+struct Oversized<'a> {
+    seq: u64,
+    /// Record bytes: data plus partition key.
+    size: usize,
+    operation: &'a str,
+    document_key: Option<Bson>,
+    partition_key: String,
+    /// The event's encoded record: what the claim-check object holds.
+    data: Vec<u8>,
+    raw: &'a bson::RawDocument,
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

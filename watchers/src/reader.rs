@@ -2,6 +2,8 @@
 //! channel so the pipeline can batch, retry and checkpoint without ever holding a getMore.
 //! Before it hands an event on, the reader takes the event's size from the watcher's and the
 //! process's byte budgets (`flow::Reservation`), so reading pauses while either is spent.
+//! Events over 16 MiB arrive split into fragments (`split_large_events`); the reader joins them
+//! (`split`) and hands on whole events only, reserving each one's full size.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,14 +11,16 @@ use std::time::{Duration, Instant};
 use bson::{Bson, Document, RawDocumentBuf, Timestamp};
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::change_stream::ChangeStream;
-use mongodb::options::FullDocumentType;
+use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType};
+use prometheus::IntCounter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{is_history_lost, WatcherError};
 use crate::flow::{ByteBudget, Reservation};
-use crate::spec::{FullDocument, WatcherSpec};
+use crate::spec::{FullDocument, FullDocumentBeforeChange, SplitLargeEvents, WatcherSpec};
+use crate::split::Reassembly;
 
 /// Where to open a stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,13 +34,22 @@ pub enum StartPosition {
     At(Timestamp),
 }
 
+/// The cluster time a stream started at `time` opens at: its whole second, increment 0 (the
+/// inverse of `status::wall_time`); times before 1970 are 1970.
+pub fn cluster_time_at(time: bson::DateTime) -> Timestamp {
+    Timestamp {
+        time: (time.timestamp_millis().max(0) / 1000) as u32,
+        increment: 0,
+    }
+}
+
 /// What the reader task hands the pipeline.
 #[derive(Debug)]
 pub enum ReaderMsg {
-    /// An event, with the bytes it holds in the budgets until it is acknowledged.
-    Event(Document, Reservation, Decoded),
-    /// An event that does not decode even leniently; the watcher's `on_undeliverable` decides.
-    Undecodable(Box<Undecodable>),
+    /// An event as the server sent it, with the bytes it holds in the budgets until it is
+    /// acknowledged. The pipeline reads it without decoding it (`record::EventRecord`), and
+    /// decodes it with [`decode`] only when that fails.
+    Event(RawDocumentBuf, Reservation),
     /// A read came back empty; the stream's resume token at that point, if any.
     Idle(Option<Bson>),
 }
@@ -92,10 +105,74 @@ pub fn decode(raw: &RawDocumentBuf) -> Result<(Document, Decoded), Box<Undecodab
 /// How long one empty read (getMore) may wait on the server for new events.
 pub const MAX_AWAIT: Duration = Duration::from_millis(500);
 
+/// The stage that splits an event over 16 MiB into fragments ([`crate::split`] joins them).
+pub const SPLIT_STAGE: &str = "$changeStreamSplitLargeEvent";
+
+/// Opens the watcher's change stream at `start`.
+///
+/// With `split_large_events` `on` or `auto` the pipeline ends with [`SPLIT_STAGE`]. Whether the
+/// server has the stage is asked of the server itself, by opening with it: `auto` opens again
+/// without it when the server refuses it as unknown ([`refuses_split_stage`]), `on` fails
+/// naming the setting. A version check (`buildInfo` at 7.0, or 6.0.9 and later) was the
+/// alternative, but it guesses: a 6.0 before 6.0.9 and 6.0.9 differ in a patch number,
+/// compatible servers report versions of their own (SecantusDB 0.7.0b3 reports 8.2.11, and
+/// has the stage), and only the server knows whether it has the stage. The refusal costs one
+/// extra `aggregate` per life, on servers without the stage only.
 pub async fn open(
     client: &mongodb::Client,
     spec: &WatcherSpec,
     start: &StartPosition,
+) -> Result<ChangeStream<RawDocumentBuf>, WatcherError> {
+    match spec.split_large_events {
+        SplitLargeEvents::Off => open_with(client, spec, start, false).await,
+        SplitLargeEvents::On => open_with(client, spec, start, true)
+            .await
+            .map_err(|e| match e {
+                WatcherError::Mongo(e) if refuses_split_stage(&e) => {
+                    WatcherError::SplitLargeEventsUnsupported {
+                        server: crate::error::summary(&e),
+                    }
+                }
+                e => e,
+            }),
+        SplitLargeEvents::Auto => match open_with(client, spec, start, true).await {
+            Err(WatcherError::Mongo(e)) if refuses_split_stage(&e) => {
+                tracing::info!(
+                    server = %crate::error::summary(&e),
+                    "the server has no $changeStreamSplitLargeEvent; change stream opened \
+                     without it (split_large_events: auto): an event over 16 MiB fails it"
+                );
+                open_with(client, spec, start, false).await
+            }
+            opened => opened,
+        },
+    }
+}
+
+/// Whether the server refused [`SPLIT_STAGE`] itself as a stage it does not know: MongoDB
+/// before 7.0 (and 6.0.9) answers 40324 "Unrecognized pipeline stage name" naming it; other
+/// servers may word it otherwise but name the stage. A stage of the watcher's own `pipeline`
+/// that the server does not know is named in the refusal instead, and is not taken for this.
+pub fn refuses_split_stage(error: &mongodb::error::Error) -> bool {
+    const UNRECOGNIZED_STAGE: i32 = 40324;
+    let mongodb::error::ErrorKind::Command(c) = error.kind.as_ref() else {
+        return false;
+    };
+    if !c.message.contains(SPLIT_STAGE) {
+        return false;
+    }
+    let message = c.message.to_ascii_lowercase();
+    c.code == UNRECOGNIZED_STAGE
+        || ["unrecognized", "unknown", "not supported", "unsupported"]
+            .iter()
+            .any(|w| message.contains(w))
+}
+
+async fn open_with(
+    client: &mongodb::Client,
+    spec: &WatcherSpec,
+    start: &StartPosition,
+    split: bool,
 ) -> Result<ChangeStream<RawDocumentBuf>, WatcherError> {
     let coll = client
         .database(&spec.database)
@@ -106,12 +183,24 @@ pub async fn open(
         FullDocument::WhenAvailable => Some(FullDocumentType::WhenAvailable),
         FullDocument::Required => Some(FullDocumentType::Required),
     };
-    let mut watch = coll
-        .watch()
-        .pipeline(spec.pipeline.clone())
-        .max_await_time(MAX_AWAIT);
+    let before_change = match spec.full_document_before_change {
+        FullDocumentBeforeChange::Off => None,
+        FullDocumentBeforeChange::WhenAvailable => {
+            Some(FullDocumentBeforeChangeType::WhenAvailable)
+        }
+        FullDocumentBeforeChange::Required => Some(FullDocumentBeforeChangeType::Required),
+    };
+    let mut pipeline = spec.pipeline.clone();
+    // Last, as the server requires; once, should the watcher's own pipeline end with it.
+    if split && !pipeline.last().is_some_and(|s| s.contains_key(SPLIT_STAGE)) {
+        pipeline.push(bson::doc! {SPLIT_STAGE: {}});
+    }
+    let mut watch = coll.watch().pipeline(pipeline).max_await_time(MAX_AWAIT);
     if let Some(full_document) = full_document {
         watch = watch.full_document(full_document);
+    }
+    if let Some(before_change) = before_change {
+        watch = watch.full_document_before_change(before_change);
     }
     match start {
         StartPosition::Latest => {}
@@ -130,13 +219,21 @@ pub fn current_token(stream: &ChangeStream<RawDocumentBuf>) -> Option<Bson> {
 }
 
 /// Reads until cancelled or the stream fails; an invalidate event is the last one sent.
+///
+/// Fragments of a split event are joined here ([`Reassembly`]) and only the whole event is
+/// handed on, so no fragment's token reaches the ack tracker: while an event is half read, an
+/// idle notice carries no token (the stream's token then points inside the event, and a
+/// checkpoint there would resume mid-event). A new life therefore reads a split event whole
+/// again. `reassembled` counts the events joined from two or more fragments.
 pub async fn run(
     mut stream: ChangeStream<RawDocumentBuf>,
     tx: mpsc::Sender<Result<ReaderMsg, WatcherError>>,
     budgets: [Arc<ByteBudget>; 2],
+    reassembled: IntCounter,
     cancel: CancellationToken,
 ) {
     let [watcher_budget, process_budget] = budgets;
+    let mut split = Reassembly::new();
     loop {
         let started = Instant::now();
         let next = tokio::select! {
@@ -144,22 +241,47 @@ pub async fn run(
             next = stream.next_if_any() => next,
         };
         let msg = match next {
-            Ok(Some(raw)) => {
+            Ok(Some(read)) => {
+                let raw = match split.push(read) {
+                    Ok(Some(whole)) if whole.fragments > 1 => {
+                        reassembled.inc();
+                        tracing::info!(
+                            fragments = whole.fragments,
+                            bytes = whole.event.as_bytes().len(),
+                            document_key = %document_key(&whole.event),
+                            "change event reassembled from fragments"
+                        );
+                        whole.event
+                    }
+                    Ok(Some(whole)) => whole.event,
+                    // More fragments of this event to come.
+                    Ok(None) => {
+                        if let Some((fragment, of)) = split.progress() {
+                            tracing::debug!(fragment, of, "change event fragment read");
+                        }
+                        continue;
+                    }
+                    Err(broken) => {
+                        let e = WatcherError::SplitEvent {
+                            message: broken.to_string(),
+                        };
+                        let _ = send(&tx, &cancel, Err(e)).await;
+                        return;
+                    }
+                };
                 let last = raw.get_str("operationType").ok() == Some("invalidate");
                 let bytes = raw.as_bytes().len();
                 let reservation = tokio::select! {
                     _ = cancel.cancelled() => return,
                     r = Reservation::take(&watcher_budget, &process_budget, bytes) => r,
                 };
-                let msg = match decode(&raw) {
-                    Ok((event, decoded)) => ReaderMsg::Event(event, reservation, decoded),
-                    Err(undecodable) => ReaderMsg::Undecodable(undecodable),
-                };
+                let msg = ReaderMsg::Event(raw, reservation);
                 if !send(&tx, &cancel, Ok(msg)).await || last {
                     return;
                 }
                 continue;
             }
+            Ok(None) if split.in_progress() => Ok(ReaderMsg::Idle(None)),
             Ok(None) => Ok(ReaderMsg::Idle(current_token(&stream))),
             Err(e) => Err(classify(e)),
         };
@@ -176,6 +298,17 @@ pub async fn run(
             }
         }
     }
+}
+
+/// `documentKey` as relaxed Extended JSON, for logs.
+fn document_key(event: &RawDocumentBuf) -> String {
+    event
+        .get("documentKey")
+        .ok()
+        .flatten()
+        .and_then(|k| Bson::try_from(k).ok())
+        .map(|k| k.into_relaxed_extjson().to_string())
+        .unwrap_or_else(|| "(none)".to_owned())
 }
 
 async fn send(
@@ -272,6 +405,38 @@ mod tests {
             event.get("_id"),
             Some(&Bson::Document(doc! {"_data": "82AB"}))
         );
+    }
+
+    fn command_error(code: i32, message: &str) -> mongodb::error::Error {
+        let command: mongodb::error::CommandError = bson::deserialize_from_document(
+            doc! {"code": code, "codeName": "Location", "errmsg": message},
+        )
+        .expect("a command error");
+        mongodb::error::ErrorKind::Command(command).into()
+    }
+
+    #[test]
+    fn only_a_refusal_of_the_split_stage_itself_counts_as_no_support() {
+        // MongoDB 6.0 before 6.0.9 (and SecantusDB for any unknown stage).
+        let refused = command_error(
+            40324,
+            "Unrecognized pipeline stage name: '$changeStreamSplitLargeEvent'",
+        );
+        assert!(refuses_split_stage(&refused));
+        assert!(refuses_split_stage(&command_error(
+            1,
+            "Unsupported stage $changeStreamSplitLargeEvent"
+        )));
+        // The watcher's own pipeline has a stage the server does not know: not ours.
+        let theirs = command_error(40324, "Unrecognized pipeline stage name: '$frobnicate'");
+        assert!(!refuses_split_stage(&theirs));
+        // Another complaint about the stage (misplaced) is not a lack of support.
+        let misplaced = command_error(
+            7182802,
+            "$changeStreamSplitLargeEvent can only appear as the final stage",
+        );
+        assert!(!refuses_split_stage(&misplaced));
+        assert!(!refuses_split_stage(&mongodb::error::Error::custom("x")));
     }
 
     #[test]

@@ -3,11 +3,15 @@
 
 use std::io;
 
+use bson::raw::{RawBsonRef, RawDocument};
+use bson::RawBson;
 use bson::{Bson, Document};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-/// Kinesis rejects a record whose data plus partition key exceeds 1 MiB.
+/// Kinesis rejects a record whose data plus partition key exceeds 1 MiB on a stream at the
+/// default; a stream can be raised to 10 MiB ([`crate::stream_limits`]). A record over this
+/// keeps its `documentKey`, so that it can be named should it exceed its stream's limit.
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// Kinesis partition keys are 1 to 256 Unicode code units; we keep them to 256 bytes.
 pub const MAX_PARTITION_KEY_BYTES: usize = 256;
@@ -69,6 +73,49 @@ impl FieldPath {
         }
         Some(value)
     }
+
+    /// [`Self::lookup`] in a raw document.
+    pub fn lookup_raw<'a>(
+        &self,
+        doc: &'a RawDocument,
+    ) -> bson::error::Result<Option<RawBsonRef<'a>>> {
+        let Some((first, rest)) = self.0.split_first() else {
+            return Ok(None);
+        };
+        let Some(mut value) = doc.get(first)? else {
+            return Ok(None);
+        };
+        for part in rest {
+            value = match value {
+                RawBsonRef::Document(d) => match d.get(part)? {
+                    Some(v) => v,
+                    None => return Ok(None),
+                },
+                _ => return Ok(None),
+            };
+        }
+        Ok(Some(value))
+    }
+}
+
+impl FieldPath {
+    /// The same path in the pre-image (`fullDocument.x` -> `fullDocumentBeforeChange.x`),
+    /// where an event without a current document (a delete; an update whose document was
+    /// deleted before the lookup) may still carry the field its key is read from.
+    pub fn pre_image(&self) -> Option<FieldPath> {
+        let (first, rest) = self.0.split_first()?;
+        (first == "fullDocument").then(|| {
+            let mut parts = vec!["fullDocumentBeforeChange".to_owned()];
+            parts.extend(rest.iter().cloned());
+            FieldPath(parts)
+        })
+    }
+
+    /// Whether every event of a document carries this path: `documentKey` (its `_id`, and a
+    /// sharded collection's shard key fields) is in every change event of the document.
+    pub fn in_document_key(&self) -> bool {
+        self.0.first().is_some_and(|f| f == "documentKey")
+    }
 }
 
 impl std::fmt::Display for FieldPath {
@@ -87,13 +134,40 @@ pub fn to_text(value: &Bson) -> String {
 /// Keys over 256 bytes become the hex SHA-256 of the rendering, which is stable across
 /// processes and versions. Events without a value at `path` (drop, rename, invalidate, ...)
 /// are keyed by their namespace so that collection-level events stay in order with each other.
+/// A path into `fullDocument` is looked up in `fullDocumentBeforeChange` where the event has no
+/// current document (a delete carries the pre-image when `full_document_before_change` is on).
 pub fn partition_key(event: &Document, path: &FieldPath) -> String {
-    let rendered = match path.lookup(event) {
+    let value = path
+        .lookup(event)
+        .or_else(|| path.pre_image().and_then(|p| p.lookup(event)));
+    let rendered = match value {
         Some(Bson::ObjectId(oid)) => oid.to_hex(),
         Some(Bson::String(s)) if !s.is_empty() => s.clone(),
         Some(other) => to_text(other),
         None => namespace(event).unwrap_or_else(|| "(no-key)".to_owned()),
     };
+    bounded_key(rendered)
+}
+
+/// [`partition_key`] read from the raw event.
+pub fn partition_key_raw(event: &RawDocument, path: &FieldPath) -> bson::error::Result<String> {
+    let value = match path.lookup_raw(event)? {
+        Some(v) => Some(v),
+        None => match path.pre_image() {
+            Some(p) => p.lookup_raw(event)?,
+            None => None,
+        },
+    };
+    let rendered = match value {
+        Some(RawBsonRef::ObjectId(oid)) => oid.to_hex(),
+        Some(RawBsonRef::String(s)) if !s.is_empty() => s.to_owned(),
+        Some(other) => to_text(&Bson::try_from(RawBson::from(other))?),
+        None => namespace_raw(event).unwrap_or_else(|| "(no-key)".to_owned()),
+    };
+    Ok(bounded_key(rendered))
+}
+
+fn bounded_key(rendered: String) -> String {
     if rendered.len() > MAX_PARTITION_KEY_BYTES {
         hex(&Sha256::digest(rendered.as_bytes()))
     } else {
@@ -101,7 +175,90 @@ pub fn partition_key(event: &Document, path: &FieldPath) -> String {
     }
 }
 
+/// What the pipeline takes from one change event: its position, its operation and its
+/// Kinesis record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    /// The resume token (`_id`); an event without one cannot be checkpointed.
+    pub token: Option<Bson>,
+    pub cluster_time: Option<bson::Timestamp>,
+    pub operation: String,
+    pub partition_key: String,
+    pub data: Vec<u8>,
+    /// `documentKey`, kept only for a record over [`MAX_RECORD_BYTES`] (to name it if it is over
+    /// its stream's limit, which is never lower).
+    pub document_key: Option<Bson>,
+}
+
+impl EventRecord {
+    /// Reads the event straight from its raw BSON (the hot path). An error means the event
+    /// is malformed or holds invalid UTF-8: decode it leniently and use [`Self::from_document`].
+    pub fn from_raw(
+        event: &RawDocument,
+        key: &FieldPath,
+        format: RecordFormat,
+    ) -> bson::error::Result<Self> {
+        let token = match event.get("_id")? {
+            Some(t) => Some(Bson::try_from(RawBson::from(t))?),
+            None => None,
+        };
+        let partition_key = partition_key_raw(event, key)?;
+        let data = encode_raw(event, format)?;
+        let document_key = if data.len() + partition_key.len() > MAX_RECORD_BYTES {
+            match event.get("documentKey")? {
+                Some(k) => Some(Bson::try_from(RawBson::from(k))?),
+                None => None,
+            }
+        } else {
+            None
+        };
+        Ok(Self {
+            token,
+            cluster_time: event.get_timestamp("clusterTime").ok(),
+            operation: event
+                .get_str("operationType")
+                .unwrap_or("unknown")
+                .to_owned(),
+            partition_key,
+            data,
+            document_key,
+        })
+    }
+
+    /// The same from a decoded event.
+    pub fn from_document(event: Document, key: &FieldPath, format: RecordFormat) -> Self {
+        let partition_key = partition_key(&event, key);
+        let token = event.get("_id").cloned();
+        let cluster_time = event.get_timestamp("clusterTime").ok();
+        let operation = event
+            .get_str("operationType")
+            .unwrap_or("unknown")
+            .to_owned();
+        let document_key = event.get("documentKey").cloned();
+        let data = encode_owned(event, format);
+        let document_key =
+            document_key.filter(|_| data.len() + partition_key.len() > MAX_RECORD_BYTES);
+        Self {
+            token,
+            cluster_time,
+            operation,
+            partition_key,
+            data,
+            document_key,
+        }
+    }
+}
+
 fn namespace(event: &Document) -> Option<String> {
+    let ns = event.get_document("ns").ok()?;
+    let db = ns.get_str("db").ok()?;
+    Some(match ns.get_str("coll") {
+        Ok(coll) => format!("{db}.{coll}"),
+        Err(_) => db.to_owned(),
+    })
+}
+
+fn namespace_raw(event: &RawDocument) -> Option<String> {
     let ns = event.get_document("ns").ok()?;
     let db = ns.get_str("db").ok()?;
     Some(match ns.get_str("coll") {
@@ -142,6 +299,93 @@ pub fn encode_owned(event: Document, format: RecordFormat) -> Vec<u8> {
     // Serializing a serde_json::Value into a Vec cannot fail.
     let _ = value.serialize(&mut ser);
     out
+}
+
+/// [`encode`] straight from an event's raw BSON, without building a `Document` or a
+/// `serde_json::Value` (two thirds of the CPU the old path spent per event went to those
+/// allocations). The bytes are the same as [`encode`]'s for the decoded event, which the
+/// tests check value type by value type; the types that are rare in change events take the
+/// decoded path one value at a time. An error means the BSON is malformed or holds invalid
+/// UTF-8: the caller decodes the event leniently and uses [`encode_owned`].
+pub fn encode_raw(event: &RawDocument, format: RecordFormat) -> bson::error::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(event.as_bytes().len() + event.as_bytes().len() / 4);
+    match format {
+        RecordFormat::Legacy => return Ok(encode_legacy(&Document::try_from(event)?)),
+        RecordFormat::Relaxed => write_raw_document(&mut out, event, false)?,
+        RecordFormat::Canonical => write_raw_document(&mut out, event, true)?,
+    }
+    Ok(out)
+}
+
+fn write_raw_document(
+    out: &mut Vec<u8>,
+    doc: &RawDocument,
+    canonical: bool,
+) -> bson::error::Result<()> {
+    let mut object = PyObject::begin(out);
+    for element in doc {
+        let (key, value) = element?;
+        write_raw_value(object.key(key.as_str()), value, canonical)?;
+    }
+    object.end();
+    Ok(())
+}
+
+fn write_raw_value(
+    out: &mut Vec<u8>,
+    value: RawBsonRef<'_>,
+    canonical: bool,
+) -> bson::error::Result<()> {
+    match value {
+        RawBsonRef::String(s) => write_py_str(out, s),
+        RawBsonRef::Document(d) => write_raw_document(out, d, canonical)?,
+        RawBsonRef::Array(a) => {
+            out.push(b'[');
+            for (i, item) in a.into_iter().enumerate() {
+                if i > 0 {
+                    out.extend_from_slice(b", ");
+                }
+                write_raw_value(out, item?, canonical)?;
+            }
+            out.push(b']');
+        }
+        RawBsonRef::Boolean(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+        RawBsonRef::Null => out.extend_from_slice(b"null"),
+        RawBsonRef::ObjectId(oid) => {
+            let mut object = PyObject::begin(out);
+            write_py_str(object.key("$oid"), &oid.to_hex());
+            object.end();
+        }
+        RawBsonRef::Timestamp(ts) => {
+            let mut outer = PyObject::begin(out);
+            let mut inner = PyObject::begin(outer.key("$timestamp"));
+            write_int(inner.key("t"), i64::from(ts.time));
+            write_int(inner.key("i"), i64::from(ts.increment));
+            inner.end();
+            outer.end();
+        }
+        RawBsonRef::Int32(v) if !canonical => write_int(out, i64::from(v)),
+        RawBsonRef::Int64(v) if !canonical => write_int(out, v),
+        RawBsonRef::Double(v) if !canonical && v.is_finite() => write_py_float(out, v),
+        // Dates, binaries, decimals, regexes and the deprecated types: through the decoded
+        // value's own Extended JSON, so their layout has one definition.
+        other => {
+            let value = Bson::try_from(bson::RawBson::from(other))?;
+            let json = if canonical {
+                value.into_canonical_extjson()
+            } else {
+                value.into_relaxed_extjson()
+            };
+            let mut ser = serde_json::Serializer::with_formatter(&mut *out, PythonFormatter);
+            // Serializing a serde_json::Value into a Vec cannot fail.
+            let _ = json.serialize(&mut ser);
+        }
+    }
+    Ok(())
+}
+
+fn write_int(out: &mut Vec<u8>, v: i64) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// `serde_json` formatter reproducing Python's default `json.dumps` layout.
@@ -417,26 +661,87 @@ impl<'a> PyObject<'a> {
 /// `"`, `\`, `\n`, `\r`, `\t`, `\b`, `\f`, printable ASCII as is, and everything else,
 /// including DEL (0x7f), as lowercase `\uXXXX` UTF-16 units (surrogate pairs above U+FFFF).
 fn write_py_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    let mut units = [0u16; 2];
-    for c in s.chars() {
-        match c {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            '\n' => out.extend_from_slice(b"\\n"),
-            '\r' => out.extend_from_slice(b"\\r"),
-            '\t' => out.extend_from_slice(b"\\t"),
-            '\u{8}' => out.extend_from_slice(b"\\b"),
-            '\u{c}' => out.extend_from_slice(b"\\f"),
-            ' '..='~' => out.push(c as u8),
-            _ => {
-                for unit in c.encode_utf16(&mut units) {
-                    out.extend_from_slice(format!("\\u{unit:04x}").as_bytes());
-                }
-            }
+    let bytes = s.as_bytes();
+    // Runs of printable ASCII are copied whole: most keys and values are nothing else.
+    let mut run = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        i += plain_prefix(&bytes[i..]);
+        if i == bytes.len() {
+            break;
         }
+        let b = bytes[i];
+        out.extend_from_slice(&bytes[run..i]);
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            _ => b"",
+        };
+        if !escape.is_empty() {
+            out.extend_from_slice(escape);
+            i += 1;
+        } else {
+            // A control character, DEL or the first byte of a multi-byte character: `i` is
+            // on a char boundary, since every byte before it in this loop was ASCII or a
+            // whole character.
+            let c = s[i..].chars().next().unwrap_or('\u{fffd}');
+            let mut units = [0u16; 2];
+            for unit in c.encode_utf16(&mut units) {
+                let u = *unit;
+                out.extend_from_slice(&[
+                    b'\\',
+                    b'u',
+                    HEX[usize::from(u >> 12)],
+                    HEX[usize::from((u >> 8) & 0xf)],
+                    HEX[usize::from((u >> 4) & 0xf)],
+                    HEX[usize::from(u & 0xf)],
+                ]);
+            }
+            i += c.len_utf8();
+        }
+        run = i;
     }
+    out.extend_from_slice(&bytes[run..]);
     out.push(b'"');
+}
+
+/// How many leading bytes `json.dumps` writes as they are (printable ASCII but `"` and `\`),
+/// eight at a time while none of the eight needs escaping (the usual bit tricks: a byte below
+/// 0x20, a byte equal to `"`, `\` or DEL, or a high bit).
+fn plain_prefix(bytes: &[u8]) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
+    let mut i = 0;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_ne_bytes(word);
+        let special = w & HIGH != 0
+            || w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0
+            || has_zero(w ^ (ONES * u64::from(b'"')))
+            || has_zero(w ^ (ONES * u64::from(b'\\')))
+            || has_zero(w ^ (ONES * 0x7f));
+        if special {
+            break;
+        }
+        i += 8;
+    }
+    while i < bytes.len()
+        && (b' '..=b'~').contains(&bytes[i])
+        && bytes[i] != b'"'
+        && bytes[i] != b'\\'
+    {
+        i += 1;
+    }
+    i
 }
 
 /// A double as `json.dumps` writes it, which is `float.__repr__` plus bare `NaN`,
@@ -518,7 +823,7 @@ fn base64(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::{doc, oid::ObjectId};
+    use bson::{doc, oid::ObjectId, RawDocumentBuf};
 
     fn path(s: &str) -> FieldPath {
         FieldPath::parse(s).expect("valid path")
@@ -553,6 +858,28 @@ mod tests {
         assert_eq!(partition_key(&ev, &path("documentKey._id")), "shop.orders");
         let ev = doc! {"operationType": "dropDatabase", "ns": {"db": "shop"}};
         assert_eq!(partition_key(&ev, &path("documentKey._id")), "shop");
+    }
+
+    #[test]
+    fn a_delete_keys_by_its_pre_image_where_the_path_is_in_full_document() {
+        let key = path("fullDocument.email");
+        let delete = doc! {
+            "operationType": "delete",
+            "ns": {"db": "shop", "coll": "users"},
+            "documentKey": {"_id": 7},
+            "fullDocumentBeforeChange": {"_id": 7, "email": "a@example.com"},
+        };
+        assert_eq!(partition_key(&delete, &key), "a@example.com");
+        let raw = RawDocumentBuf::try_from(&delete).unwrap();
+        assert_eq!(partition_key_raw(&raw, &key).unwrap(), "a@example.com");
+        // Without a pre-image: the namespace, as before.
+        let bare = doc! {"operationType": "delete", "ns": {"db": "shop", "coll": "users"},
+        "documentKey": {"_id": 7}};
+        assert_eq!(partition_key(&bare, &key), "shop.users");
+        // A path outside fullDocument has no pre-image twin.
+        assert_eq!(path("documentKey._id").pre_image(), None);
+        assert!(path("documentKey._id").in_document_key());
+        assert!(!key.in_document_key());
     }
 
     #[test]
@@ -785,6 +1112,146 @@ mod tests {
                 r#""cws": {"$code": "f", "$scope": {"$id": 1, "$ref": "c"}}}"#,
             )
         );
+    }
+
+    /// Every BSON type, at the top level and nested in documents and arrays, with the
+    /// strings and numbers whose escaping and layout differ between encoders.
+    fn every_type() -> Document {
+        let oid = ObjectId::parse_str("65a1b2c3d4e5f60718293a4b").unwrap();
+        let strings = doc! {
+            "plain": "abc",
+            "quotes": "a\"b\\c/d",
+            "controls": "\n\r\t\u{8}\u{c}\u{0}\u{1f}\u{7f}",
+            "latin": "café",
+            "astral": "emoji \u{1F600} end",
+            "empty": "",
+            "k\u{e9}y \"quoted\"": 1,
+        };
+        let numbers = doc! {
+            "i32": -7, "i32max": i32::MAX, "i64": 9_007_199_254_740_993_i64, "i64min": i64::MIN,
+            "one": 1.0, "half": 0.5, "big": 1e16, "small": 1e-7, "tiny": 5e-324,
+            "negzero": -0.0, "pi": std::f64::consts::PI, "thousand": 1000.0,
+            "nan": f64::NAN, "inf": f64::INFINITY, "ninf": f64::NEG_INFINITY,
+        };
+        let mut d = doc! {
+            "_id": {"_data": "8265A1B2C3000000012B022C0100296E5A1004"},
+            "operationType": "insert",
+            "clusterTime": bson::Timestamp { time: 1_700_000_000, increment: 7 },
+            "wallTime": bson::DateTime::from_millis(1_700_000_000_123),
+            "oid": oid,
+            "dates": [
+                bson::DateTime::from_millis(0),
+                bson::DateTime::from_millis(-1),
+                bson::DateTime::from_millis(253_402_300_800_000),
+            ],
+            "strings": strings,
+            "numbers": numbers.clone(),
+            "array": [1, "two", 3.5, {"four": [5, [6]]}, [], {}, Bson::Null, true, false],
+            "bin": bson::Binary { subtype: bson::spec::BinarySubtype::Generic, bytes: vec![0, 1, 254, 255] },
+            "uuid": bson::Binary { subtype: bson::spec::BinarySubtype::Uuid, bytes: vec![7; 16] },
+            "user_bin": bson::Binary { subtype: bson::spec::BinarySubtype::UserDefined(0x80), bytes: b"x".to_vec() },
+            "re": regex("^a.b$", "xmisu"),
+            "code": Bson::JavaScriptCode("function(){ return \"x\"; }".into()),
+            "cws": bson::JavaScriptCodeWithScope { code: "f".into(), scope: doc! {"a": 1, "b": 1.5} },
+            "d": "1.50".parse::<bson::Decimal128>().unwrap(),
+            "sym": Bson::Symbol("abc".into()),
+            "und": Bson::Undefined,
+            "min": Bson::MinKey,
+            "max": Bson::MaxKey,
+            "n": Bson::Null,
+            "t": true,
+        };
+        d.insert("nested", doc! {"deeper": d.clone(), "list": [numbers]});
+        d
+    }
+
+    #[test]
+    fn raw_encoding_equals_the_decoded_encoding() {
+        let ev = every_type();
+        let raw = RawDocumentBuf::try_from(&ev).unwrap();
+        for format in [
+            RecordFormat::Relaxed,
+            RecordFormat::Canonical,
+            RecordFormat::Legacy,
+        ] {
+            let decoded = String::from_utf8(encode(&ev, format)).unwrap();
+            let direct = String::from_utf8(encode_raw(&raw, format).unwrap()).unwrap();
+            assert_eq!(direct, decoded, "{format:?}");
+        }
+    }
+
+    /// The char-by-char `json.dumps` escaping that `write_py_str` must equal.
+    fn py_str_reference(s: &str) -> String {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                ' '..='~' => out.push(c),
+                _ => {
+                    for unit in c.encode_utf16(&mut [0u16; 2]) {
+                        out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    #[test]
+    fn string_escaping_equals_the_reference_at_every_position() {
+        let specials = [
+            '"',
+            '\\',
+            '\n',
+            '\u{0}',
+            '\u{1f}',
+            '\u{7f}',
+            'é',
+            '€',
+            '\u{1F600}',
+            ' ',
+            '~',
+        ];
+        for len in 0..20 {
+            for at in 0..=len {
+                for &c in &specials {
+                    let mut text: String = "abcdefghijklmnopqrstuvwxyz".chars().take(len).collect();
+                    text.insert(at.min(text.len()), c);
+                    let mut out = Vec::new();
+                    write_py_str(&mut out, &text);
+                    assert_eq!(
+                        String::from_utf8(out).unwrap(),
+                        py_str_reference(&text),
+                        "{text:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn raw_encoding_refuses_invalid_utf8() {
+        let mut bytes = RawDocumentBuf::try_from(&doc! {"s": "abc"})
+            .unwrap()
+            .into_bytes();
+        let at = bytes.windows(3).position(|w| w == b"abc").unwrap();
+        bytes[at + 1] = 0xff;
+        let raw = RawDocumentBuf::from_bytes(bytes).unwrap();
+        assert!(encode_raw(&raw, RecordFormat::Relaxed).is_err());
+        let mut keyed = RawDocumentBuf::try_from(&doc! {"kéy": 1})
+            .unwrap()
+            .into_bytes();
+        let at = keyed.iter().position(|&b| b == 0xc3).unwrap();
+        keyed[at] = 0xff;
+        let raw = RawDocumentBuf::from_bytes(keyed).unwrap();
+        assert!(encode_raw(&raw, RecordFormat::Relaxed).is_err());
     }
 
     #[test]

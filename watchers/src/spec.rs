@@ -27,6 +27,18 @@ pub enum FullDocument {
     Required,
 }
 
+/// Whether events carry `fullDocumentBeforeChange`, the document as it was before the change.
+/// The server has one only on a collection with `changeStreamPreAndPostImages` enabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FullDocumentBeforeChange {
+    #[default]
+    Off,
+    /// The pre-image when the server has one; events without one are sent without it.
+    WhenAvailable,
+    /// The server fails the change stream at an event whose pre-image is missing.
+    Required,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnHistoryLost {
     #[default]
@@ -56,6 +68,49 @@ pub enum OnOversized {
     #[default]
     Fail,
     Skip,
+    /// The whole event to S3 ([`WatcherSpec::s3`]), a pointer record in its place.
+    S3,
+}
+
+/// Where `on_oversized: s3` puts events too large for a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Target {
+    pub bucket: String,
+    /// Prepended to every object key as is (`cdc/` gives `cdc/<watcher>/...`).
+    pub prefix: String,
+}
+
+/// How records reach Kinesis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aggregation {
+    /// One event per Kinesis record.
+    #[default]
+    None,
+    /// A key's pending events packed into one record in the KPL aggregated format.
+    Kpl,
+}
+
+/// Whether the change stream ends with `$changeStreamSplitLargeEvent`, so that an event over
+/// 16 MiB arrives as fragments (reassembled before encoding) instead of failing the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SplitLargeEvents {
+    /// Where the server supports the stage.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// Whether a watcher copies its collection before it streams changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Snapshot {
+    /// Only changes (the stream starts at `start_at`).
+    #[default]
+    Never,
+    /// On a first start (no checkpoint), the stream's start is stored, then the collection is
+    /// copied in `_id` ranges as `operationType: "snapshot"` records while the stream is read
+    /// from the stored start. The copy's progress is checkpointed, so a restart continues it.
+    Initial,
 }
 
 /// Everything one watcher needs to know about its job.
@@ -68,11 +123,20 @@ pub struct WatcherSpec {
     pub stream: String,
     pub partition_key: FieldPath,
     pub full_document: FullDocument,
+    pub full_document_before_change: FullDocumentBeforeChange,
     pub pipeline: Vec<Document>,
     pub start_at: StartAt,
     pub on_history_lost: OnHistoryLost,
     pub on_invalidate: OnInvalidate,
     pub on_oversized: OnOversized,
+    /// Set when `on_oversized` is `s3` (the config refuses `s3` without it).
+    pub s3: Option<S3Target>,
+    pub aggregation: Aggregation,
+    pub split_large_events: SplitLargeEvents,
+    /// Copy the collection on a first start, beside the stream (`snapshot`, default `never`).
+    pub snapshot: Snapshot,
+    /// `_id` ranges a copy reads side by side (`snapshot_parallelism`, 1..=16, default 1).
+    pub snapshot_parallelism: usize,
     pub on_undeliverable: OnUndeliverable,
     pub record_format: RecordFormat,
     pub batch: BatchSettings,
@@ -84,8 +148,9 @@ pub struct WatcherSpec {
 pub struct BatchSettings {
     /// Records per call, at most 500.
     pub max_records: usize,
-    /// Bytes per call, at most 5 MiB.
-    pub max_bytes: usize,
+    /// Bytes per call (`max_batch_bytes`), kept within the stream's call limit; `None` takes
+    /// that limit (5 MiB, or up to 10 MiB on a stream with raised record size).
+    pub max_bytes: Option<usize>,
     /// How long a ready record may wait for more to fill its call.
     pub linger: Duration,
     /// PutRecords calls in flight at once (they never share a partition key).
@@ -113,7 +178,7 @@ impl Default for BatchSettings {
     fn default() -> Self {
         Self {
             max_records: crate::batch::MAX_BATCH_RECORDS,
-            max_bytes: crate::batch::MAX_BATCH_BYTES,
+            max_bytes: None,
             linger: Duration::from_millis(50),
             max_in_flight: 4,
             max_pending: 10_000,

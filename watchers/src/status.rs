@@ -18,10 +18,12 @@ pub enum State {
     Invalidated,
     Failed,
     Stopped,
+    /// Another replica owns the watcher (leases); this one waits to take it over.
+    Standby,
 }
 
 impl State {
-    pub const ALL: [State; 8] = [
+    pub const ALL: [State; 9] = [
         State::Starting,
         State::Running,
         State::Paused,
@@ -30,6 +32,7 @@ impl State {
         State::Invalidated,
         State::Failed,
         State::Stopped,
+        State::Standby,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +45,7 @@ impl State {
             State::Invalidated => "invalidated",
             State::Failed => "failed",
             State::Stopped => "stopped",
+            State::Standby => "standby",
         }
     }
 }
@@ -74,8 +78,73 @@ pub struct Status {
     pub checkpoint: Option<StoredPosition>,
     /// The last error the watcher showed (`backing_off`, `failed`, ...), with when.
     pub last_error: Option<(DateTime, String)>,
+    /// Cluster time (as wall time) of the oldest entry still in the oplog, as last sampled
+    /// (one sampler per MongoDB deployment, every 30 s); None until the first sample, where
+    /// the server does not let us read `local.oplog.rs`, or after a failed read.
+    pub oplog_oldest: Option<DateTime>,
+    /// With leases: the replica that owns the watcher (this one while it runs here), if any.
+    pub owner: Option<String>,
     pub counters: Counters,
     pub flow: Flow,
+    /// The initial snapshot (`snapshot: initial`), once one ran or runs in this process.
+    pub snapshot: Option<SnapshotStatus>,
+}
+
+/// Progress of a copy: an initial snapshot, or an on-demand backfill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotStatus {
+    /// Still copying, or every copied document acknowledged and the stream reading.
+    pub done: bool,
+    /// Documents whose records Kinesis acknowledged, counting those an earlier process copied
+    /// before a restart (`copied_before`).
+    pub copied: u64,
+    /// Of `copied`, those acknowledged before this life began (a resumed copy).
+    pub copied_before: u64,
+    /// The collection's `estimatedDocumentCount` when the copy (re)started.
+    pub estimated_total: Option<u64>,
+    /// When this life's copy began: the rate counts from here.
+    pub started_at: DateTime,
+    /// When every copied record was acknowledged.
+    pub finished_at: Option<DateTime>,
+    /// `_id` ranges copied side by side (`snapshot_parallelism`, fewer for a small
+    /// collection).
+    pub ranges: usize,
+    /// The on-demand backfill's filter, if it copies a subset.
+    pub filter: Option<bson::Document>,
+}
+
+impl SnapshotStatus {
+    /// Documents per second this life has copied (to `now`, or to the end).
+    pub fn rate(&self, now: DateTime) -> f64 {
+        let end = self.finished_at.unwrap_or(now);
+        let secs = (end.timestamp_millis() - self.started_at.timestamp_millis()) as f64 / 1000.0;
+        match secs > 0.0 {
+            true => (self.copied - self.copied_before) as f64 / secs,
+            false => 0.0,
+        }
+    }
+
+    /// Seconds left at the current rate; `None` without an estimate or a rate.
+    pub fn eta_seconds(&self, now: DateTime) -> Option<f64> {
+        if self.done {
+            return Some(0.0);
+        }
+        let rate = self.rate(now);
+        let left = self.estimated_total?.saturating_sub(self.copied) as f64;
+        (rate > 0.0).then(|| left / rate)
+    }
+
+    /// `copied` over the estimated total, at most 1 (1 once done); `None` without an estimate.
+    pub fn progress(&self) -> Option<f64> {
+        if self.done {
+            return Some(1.0);
+        }
+        let total = self.estimated_total?;
+        Some(match total {
+            0 => 0.0,
+            t => (self.copied as f64 / t as f64).min(1.0),
+        })
+    }
 }
 
 /// A checkpoint as written: where a restart resumes.
@@ -145,6 +214,26 @@ impl Status {
         }
     }
 
+    /// How long before a restart can no longer resume: the cluster time of the stored
+    /// checkpoint minus the oldest entry still in the oplog. A caught-up watcher's next
+    /// checkpoint (within one `checkpoint_interval`) holds the post-batch token of its last
+    /// empty read, so its checkpoint counts as now. None when either side is unknown (no
+    /// checkpoint loaded or written, or none with a time yet; no oplog sample);
+    /// negative when the checkpoint is already older than the oplog (history lost).
+    ///
+    /// The checkpoint's time is that of the newest event at or before it, so a stopped or
+    /// paused watcher of a quiet collection shows less headroom than its token really has.
+    pub fn oplog_headroom_seconds(&self, now: DateTime) -> Option<f64> {
+        let oldest = self.oplog_oldest?;
+        let checkpoint = self.checkpoint.as_ref()?;
+        let resume = if self.caught_up {
+            now
+        } else {
+            checkpoint.cluster_time?
+        };
+        Some((resume.timestamp_millis() - oldest.timestamp_millis()) as f64 / 1000.0)
+    }
+
     /// Seconds since the last checkpoint write, if any.
     pub fn checkpoint_age_seconds(&self, now: DateTime) -> Option<f64> {
         self.last_checkpoint_at
@@ -177,7 +266,7 @@ impl StatusTx {
         self.0.send_modify(|s| {
             let is_error = !matches!(
                 state,
-                State::Running | State::Starting | State::Paused | State::Stopped
+                State::Running | State::Starting | State::Paused | State::Stopped | State::Standby
             );
             if let (true, Some(r)) = (is_error, &reason) {
                 let repeated = s.last_error.as_ref().is_some_and(|(_, last)| last == r);
@@ -231,6 +320,41 @@ mod tests {
             "a quiet collection reads 0"
         );
         assert_eq!(s.committed_lag_seconds(at(1000)), 0.0);
+    }
+
+    #[test]
+    fn oplog_headroom_is_the_checkpoint_minus_the_oldest_entry_and_unknown_without_either() {
+        let mut s = Status {
+            checkpoint: Some(StoredPosition {
+                token: Some("{\"_data\": \"00\"}".into()),
+                cluster_time: Some(at(1000)),
+            }),
+            ..Status::default()
+        };
+        assert_eq!(s.oplog_headroom_seconds(at(5000)), None, "no sample yet");
+        s.oplog_oldest = Some(at(400));
+        assert_eq!(s.oplog_headroom_seconds(at(5000)), Some(600.0));
+        s.caught_up = true;
+        assert_eq!(
+            s.oplog_headroom_seconds(at(5000)),
+            Some(4600.0),
+            "caught up: the next checkpoint is now"
+        );
+        s.caught_up = false;
+        s.oplog_oldest = Some(at(1300));
+        assert_eq!(
+            s.oplog_headroom_seconds(at(5000)),
+            Some(-300.0),
+            "the oplog moved past the checkpoint: history lost"
+        );
+        s.checkpoint = Some(StoredPosition {
+            token: Some("{\"_data\": \"00\"}".into()),
+            cluster_time: None,
+        });
+        assert_eq!(s.oplog_headroom_seconds(at(5000)), None, "no time known");
+        s.checkpoint = None;
+        s.caught_up = true;
+        assert_eq!(s.oplog_headroom_seconds(at(5000)), None, "no checkpoint");
     }
 
     #[test]

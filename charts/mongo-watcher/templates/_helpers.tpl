@@ -65,5 +65,30 @@ and the Service reach the control plane.
 {{- $_ := set $http "listen" (printf "0.0.0.0:%d" (int .Values.service.port)) }}
 {{- end }}
 {{- $_ := set $config "http" $http }}
+{{- if hasKey $config "leases" }}
+{{- fail "config.leases: set leases.enabled, leases.table and leases.ttl instead (the chart writes config.leases from them and sizes the Deployment for them)" }}
+{{- end }}
+{{- if .Values.leases.enabled }}
+{{- if not (get (get $config "checkpoints" | default dict) "table") }}
+{{- fail "leases.enabled needs config.checkpoints.table: checkpoint writes are fenced by the lease" }}
+{{- end }}
+{{- $_ := set $config "leases" (dict "table" .Values.leases.table "ttl" .Values.leases.ttl) }}
+{{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/*
+Replicas: replicaCount, or 2 with leases and 1 without when it is empty. More than 1 only with
+leases: without them every replica would run every watcher.
+*/}}
+{{- define "mongo-watcher.replicas" -}}
+{{- $replicas := .Values.replicaCount }}
+{{- if kindIs "invalid" $replicas }}
+{{- $replicas = ternary 2 1 (.Values.leases.enabled | default false) }}
+{{- end }}
+{{- $replicas = int $replicas }}
+{{- if and (gt $replicas 1) (not .Values.leases.enabled) }}
+{{- fail (printf "replicaCount %d needs leases.enabled: without leases watchers are not sharded across replicas, and two replicas would conflict on the same checkpoints (0 or 1 without leases)" $replicas) }}
+{{- end }}
+{{- $replicas }}
 {{- end }}

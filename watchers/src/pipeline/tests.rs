@@ -139,6 +139,7 @@ impl CheckpointBackend for MemoryStore {
         _watcher: &str,
         expected: Option<u64>,
         checkpoint: &Checkpoint,
+        _fence: Option<&crate::lease::Fence>,
     ) -> Result<u64, WatcherError> {
         if self.failing.load(Ordering::Relaxed) {
             return Err(WatcherError::CheckpointTableMissing {
@@ -162,11 +163,17 @@ fn spec(batch: BatchSettings) -> WatcherSpec {
         stream: "fake-stream".into(),
         partition_key: FieldPath::parse("documentKey._id").unwrap(),
         full_document: FullDocument::Off,
+        full_document_before_change: Default::default(),
         pipeline: Vec::new(),
         start_at: StartAt::Latest,
         on_history_lost: OnHistoryLost::Fail,
         on_invalidate: OnInvalidate::Stop,
         on_oversized: OnOversized::Fail,
+        s3: None,
+        aggregation: Default::default(),
+        split_large_events: Default::default(),
+        snapshot: Default::default(),
+        snapshot_parallelism: 1,
         on_undeliverable: OnUndeliverable::Fail,
         record_format: RecordFormat::Relaxed,
         batch,
@@ -175,6 +182,13 @@ fn spec(batch: BatchSettings) -> WatcherSpec {
 }
 
 /// A running loop and the handles a test drives it with.
+/// The metrics of watcher `w`, in a registry of the test's own.
+fn test_metrics() -> crate::metrics::WatcherMetrics {
+    crate::metrics::Metrics::register(&prometheus::Registry::new())
+        .unwrap()
+        .for_watcher("w")
+}
+
 struct Run {
     events: mpsc::Sender<Result<ReaderMsg, WatcherError>>,
     cancel: CancellationToken,
@@ -204,12 +218,34 @@ impl Run {
 
     /// A loop whose reader says nothing unless the test sends something.
     fn start_silent(spec: WatcherSpec, sink: FakeSink, store: Option<MemoryStore>) -> Self {
+        Self::start_on_stream(spec, sink, store, StreamLimits::default())
+    }
+
+    /// As [`Self::start_silent`], on a stream with these size limits.
+    fn start_on_stream(
+        spec: WatcherSpec,
+        sink: FakeSink,
+        store: Option<MemoryStore>,
+        limits: StreamLimits,
+    ) -> Self {
         let (status_tx, status) = StatusTx::channel();
-        let metrics = crate::metrics::Metrics::register(&prometheus::Registry::new())
-            .unwrap()
-            .for_watcher("w");
-        let mut pipeline =
-            Pipeline::new(Arc::new(spec), sink, status_tx, AckTracker::new(), metrics);
+        let pipeline = Pipeline::new(
+            Arc::new(spec),
+            sink,
+            status_tx,
+            AckTracker::new(),
+            test_metrics(),
+            limits,
+        );
+        Self::drive(pipeline, status, store)
+    }
+
+    /// Runs `pipeline`'s loop in a task, with checkpoints in `store`.
+    fn drive(
+        mut pipeline: Pipeline<FakeSink>,
+        status: watch::Receiver<Status>,
+        store: Option<MemoryStore>,
+    ) -> Self {
         let turns = pipeline.turns.clone();
         let (events, rx) = mpsc::channel(4096);
         let (commands_tx, mut commands) = mpsc::channel(1);
@@ -238,17 +274,28 @@ impl Run {
 
     /// Sends an insert of document `key` into the loop.
     async fn insert(&mut self, key: &str) {
+        self.insert_sized(key, 0).await;
+    }
+
+    /// Sends an insert of document `key` whose record carries `blob` bytes more.
+    async fn insert_sized(&mut self, key: &str, blob: usize) {
         self.next_seq += 1;
         let n = self.next_seq;
-        let event = doc! {
+        let mut event = doc! {
             "_id": {"_data": format!("{n:08}")},
             "operationType": "insert",
             "clusterTime": Timestamp { time: 1_700_000_000 + n as u32, increment: 1 },
             "documentKey": {"_id": key},
         };
+        if blob > 0 {
+            event.insert("blob", "x".repeat(blob));
+        }
         let reservation = Reservation::take(&self.budget, &self.budget, 100).await;
         self.events
-            .send(Ok(ReaderMsg::Event(event, reservation, Decoded::Exact)))
+            .send(Ok(ReaderMsg::Event(
+                RawDocumentBuf::try_from(&event).unwrap(),
+                reservation,
+            )))
             .await
             .unwrap();
     }
@@ -731,3 +778,239 @@ async fn reading_pauses_at_max_pending() {
     assert_eq!(sink.delivered().len(), 20);
     run.stop().await.0.unwrap();
 }
+
+// ---- Where a life starts, and a token of another collection (issue 8) ----
+
+fn stored_at(namespace: Option<&str>) -> Stored {
+    Stored {
+        checkpoint: crate::checkpoint::Checkpoint {
+            token: Some(doc! {"_data": "82AA"}.into()),
+            cluster_time: None,
+            paused: false,
+            namespace: namespace.map(str::to_owned),
+        },
+        revision: 4,
+        updated_at: None,
+        snapshot: None,
+    }
+}
+
+fn checkpoint_origin() -> Option<TokenOrigin> {
+    Some(TokenOrigin::Checkpoint {
+        table: "cps".into(),
+    })
+}
+
+#[test]
+fn a_checkpoint_written_for_another_namespace_is_refused_before_any_stream_opens() {
+    let spec = spec(batch());
+    let err = resolve_start(&spec, "cps", Some(&stored_at(Some("db.old"))), None, None)
+        .expect_err("another namespace");
+    assert!(
+        matches!(
+            &err,
+            WatcherError::NamespaceMismatch { written_for: Some(w), watching, origin, .. }
+                if w == "db.old" && watching == "db.c" && Some(origin) == checkpoint_origin().as_ref()
+        ),
+        "{err}"
+    );
+    assert_eq!(err.state(), State::Failed);
+    assert!(!err.is_retryable());
+    // A checkpoint known only by time would silently skip on the new collection: refused too.
+    let mut by_time = stored_at(Some("db.old"));
+    by_time.checkpoint.token = None;
+    by_time.checkpoint.cluster_time = Some(Timestamp {
+        time: 5,
+        increment: 1,
+    });
+    assert!(resolve_start(&spec, "cps", Some(&by_time), None, None).is_err());
+}
+
+#[test]
+fn a_checkpoint_of_this_namespace_or_of_none_resumes_after_its_token() {
+    let spec = spec(batch());
+    for namespace in [Some("db.c"), None] {
+        let start = resolve_start(&spec, "cps", Some(&stored_at(namespace)), None, None)
+            .unwrap_or_else(|e| panic!("{namespace:?}: {e}"));
+        assert_eq!(
+            start,
+            Start {
+                position: StartPosition::After(doc! {"_data": "82AA"}.into()),
+                origin: checkpoint_origin(),
+            },
+            "{namespace:?}"
+        );
+    }
+}
+
+#[test]
+fn an_operators_rewind_wins_over_a_checkpoint_of_another_namespace() {
+    let spec = spec(batch());
+    let target = StartPosition::At(Timestamp {
+        time: 9,
+        increment: 0,
+    });
+    let start = resolve_start(
+        &spec,
+        "cps",
+        Some(&stored_at(Some("db.old"))),
+        None,
+        Some(target.clone()),
+    )
+    .expect("the rewind target was probed on this collection");
+    assert_eq!(
+        start,
+        Start {
+            position: target,
+            origin: None
+        }
+    );
+}
+
+#[test]
+fn tokens_from_start_at_are_marked_and_this_processs_own_frontier_is_not() {
+    let mut spec = spec(batch());
+    let token: Bson = doc! {"_data": "82BB"}.into();
+    spec.start_at = StartAt::ResumeToken(token.clone());
+    let start = resolve_start(&spec, "", None, None, None).unwrap();
+    assert_eq!(start.origin, Some(TokenOrigin::StartAt));
+    let carried: Bson = doc! {"_data": "82CC"}.into();
+    let start = resolve_start(&spec, "", None, Some(&carried), None).unwrap();
+    assert_eq!(
+        start,
+        Start {
+            position: StartPosition::After(carried),
+            origin: None
+        }
+    );
+}
+
+#[test]
+fn the_servers_refusal_of_a_foreign_token_is_a_namespace_mismatch_where_it_came_from_outside() {
+    let spec = spec(batch());
+    let foreign = || {
+        let command: mongodb::error::CommandError = bson::deserialize_from_document(doc! {
+            "code": 13,
+            "codeName": "Unauthorized",
+            "errmsg": "Resume token namespace does not match the change-stream watch scope",
+        })
+        .unwrap();
+        WatcherError::Mongo(mongodb::error::ErrorKind::Command(command).into())
+    };
+    let err = foreign_token(foreign(), &spec, checkpoint_origin());
+    assert!(
+        matches!(
+            &err,
+            WatcherError::NamespaceMismatch { written_for: None, server: Some(s), .. }
+                if s.contains("error 13 (Unauthorized)")
+        ),
+        "{err}"
+    );
+    assert_eq!(err.state(), State::Failed);
+    // A rewind target or this process's own frontier: left as the server's error.
+    assert!(matches!(
+        foreign_token(foreign(), &spec, None),
+        WatcherError::Mongo(_)
+    ));
+    let outage = WatcherError::Mongo(mongodb::error::Error::custom("connection refused"));
+    assert!(matches!(
+        foreign_token(outage, &spec, checkpoint_origin()),
+        WatcherError::Mongo(_)
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_write_that_waits_for_a_fix_is_shown_at_the_first_failure() {
+    let sink = FakeSink::accept_all();
+    // Fails with the table missing: a fix must come from outside (as a refused permission).
+    let store = MemoryStore::default();
+    store.failing.store(true, Ordering::Relaxed);
+    let mut run = Run::start(spec(batch()), sink.clone(), Some(store.clone()));
+    run.insert("k").await;
+    // One checkpoint tick (1 s), one failed write.
+    tokio::time::sleep(ms(1100)).await;
+    let status = run.status.borrow().clone();
+    assert_eq!(status.state, State::BackingOff, "{status:?}");
+    let reason = status.reason.unwrap_or_default();
+    assert!(
+        reason.contains("(1 failed in a row;") && reason.contains("does not exist"),
+        "{reason}"
+    );
+    run.stop().await.0.unwrap();
+}
+
+const MIB: usize = 1024 * 1024;
+
+#[tokio::test(start_paused = true)]
+async fn a_record_is_oversized_against_its_streams_limit() {
+    // 2 MiB: delivered on a stream raised to 4 MiB.
+    let sink = FakeSink::accept_all();
+    let limits = StreamLimits::with_record_bytes(4 * MIB);
+    let mut run = Run::start_on_stream(spec(batch()), sink.clone(), None, limits);
+    run.insert_sized("a", 2 * MIB).await;
+    run.idle().await;
+    tokio::time::sleep(ms(100)).await;
+    assert_eq!(
+        sink.delivered().len(),
+        1,
+        "a 2 MiB record on a 4 MiB stream"
+    );
+    assert!(run.stop().await.0.is_ok());
+
+    // The same record on a stream at the default fails the watcher, naming 1 MiB.
+    let sink = FakeSink::accept_all();
+    let mut run = Run::start_on_stream(spec(batch()), sink.clone(), None, StreamLimits::default());
+    run.insert_sized("a", 2 * MIB).await;
+    run.idle().await;
+    tokio::time::sleep(ms(100)).await;
+    assert!(sink.calls().is_empty());
+    match run.task.await.unwrap().0 {
+        Err(WatcherError::Oversized { limit, .. }) => assert_eq!(limit, MIB),
+        other => panic!("expected oversized, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_carries_up_to_the_streams_request_limit() {
+    let three = 3 * MIB;
+    let calls = |limits: StreamLimits, max_bytes: Option<usize>| async move {
+        let sink = FakeSink::accept_all();
+        let spec = spec(BatchSettings {
+            max_bytes,
+            ..batch()
+        });
+        let mut run = Run::start_on_stream(spec, sink.clone(), None, limits);
+        run.insert_sized("a", three).await;
+        run.insert_sized("b", three).await;
+        run.idle().await;
+        tokio::time::sleep(ms(100)).await;
+        assert_eq!(sink.delivered().len(), 2);
+        assert!(run.stop().await.0.is_ok());
+        sink.calls().len()
+    };
+    // 5 MiB calls: the two 3 MiB records go one by one.
+    assert_eq!(
+        calls(StreamLimits::with_record_bytes(4 * MIB), None).await,
+        2
+    );
+    // A stream raised to 8 MiB takes 8 MiB calls: both in one.
+    assert_eq!(
+        calls(StreamLimits::with_record_bytes(8 * MIB), None).await,
+        1
+    );
+    // `max_batch_bytes` still caps a call, and never lifts it over the stream's.
+    assert_eq!(
+        calls(StreamLimits::with_record_bytes(8 * MIB), Some(5 * MIB)).await,
+        2
+    );
+    assert_eq!(
+        calls(StreamLimits::with_record_bytes(4 * MIB), Some(10 * MIB)).await,
+        2
+    );
+}
+
+/// `on_oversized: s3` in the loop.
+mod claim_check;
+
+/// `snapshot: initial` in the loop.
+mod snapshot;
