@@ -575,6 +575,114 @@ async fn forty_watchers_on_one_client_with_json_logs() {
         seen.iter().filter(|(_, &n)| n > 1).collect::<Vec<_>>()
     );
     assert!(!w.logs().contains("BatchGetItem is not granted"));
+    assert!(
+        w.logs().contains("first checkpoints written together"),
+        "the forty first checkpoints were written one PutItem each"
+    );
+}
+
+/// First checkpoints of watchers starting together are written together (TransactWriteItems,
+/// up to 100 a call), each keeping its own condition: a watcher whose item appeared since it
+/// loaded gets its conflict, naming the revision found, and the others are written. A
+/// transaction whose answer is lost leaves each of its writes in doubt (each watcher's
+/// checkpointer reads back), and a refused one falls back to PutItem each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_checkpoints_are_written_together_each_with_its_own_condition() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    use watchers::checkpoint::{Checkpoint, CheckpointStore};
+    use watchers::WatcherError;
+    let e = env().await;
+    let table = unique("cps");
+    e.aws.create_checkpoint_table(&table).await;
+    // A second writer got to `w3` first.
+    e.aws
+        .dynamodb
+        .put_item()
+        .table_name(&table)
+        .item("watcher", AttributeValue::S("w3".into()))
+        .item("revision", AttributeValue::N("7".into()))
+        .item("paused", AttributeValue::Bool(false))
+        .item(
+            "resume_token",
+            AttributeValue::S(r#"{"_data": "00"}"#.into()),
+        )
+        .send()
+        .await
+        .expect("second writer");
+    let through_proxy = Aws::at(&e.proxy.endpoint()).await;
+    let store = CheckpointStore::new(through_proxy.dynamodb.clone(), &table);
+    let at = Checkpoint {
+        token: Some(bson::Bson::Document(doc! {"_data": "0001"})),
+        cluster_time: None,
+        paused: false,
+        namespace: Some("db.c".into()),
+    };
+    let save_all = |names: Vec<String>| {
+        let (store, at) = (&store, &at);
+        futures_util::future::join_all(names.into_iter().map(move |name| async move {
+            let result = store.save(&name, None, at, None).await;
+            (name, result)
+        }))
+    };
+    // Counts the TransactWriteItems calls (held for 0 ms, then answered).
+    e.proxy.rules(json!({"dynamo_hold": {
+        "target": "TransactWriteItems", "count": 100, "hold_ms": 0, "then": "answer",
+    }}));
+    let names: Vec<String> = (0..150).map(|i| format!("w{i}")).collect();
+    for (name, result) in save_all(names).await {
+        if name == "w3" {
+            match result {
+                Err(WatcherError::CheckpointConflict { found, .. }) => assert_eq!(found, "7"),
+                other => panic!("w3: {other:?}"),
+            }
+            continue;
+        }
+        assert_eq!(result.expect(&name), 1, "{name}");
+        let item = e.aws.checkpoint(&table, &name).await.expect(&name);
+        assert_eq!(revision(&item), 1, "{name}");
+        assert_eq!(item["namespace"].as_s().unwrap(), "db.c");
+    }
+    let calls = e.proxy.stats()["dynamo_held"].as_u64().unwrap();
+    assert!(
+        (2..=10).contains(&calls),
+        "150 first writes made {calls} TransactWriteItems calls"
+    );
+
+    // The answer of a transaction is lost: each of its writes is in doubt, and applied.
+    e.proxy.reset();
+    e.proxy.rules(json!({"dynamo_hold": {
+        "target": "TransactWriteItems", "count": 1, "hold_ms": 0, "then": "drop",
+    }}));
+    let names: Vec<String> = (0..20).map(|i| format!("lost{i}")).collect();
+    let results = save_all(names).await;
+    let in_doubt = results
+        .iter()
+        .filter(|(_, r)| matches!(r, Err(WatcherError::CheckpointInDoubt { .. })))
+        .count();
+    assert!(
+        in_doubt >= 2,
+        "no write of the lost transaction was in doubt: {results:?}"
+    );
+    for (name, result) in &results {
+        assert!(
+            matches!(result, Ok(1) | Err(WatcherError::CheckpointInDoubt { .. })),
+            "{name}: {result:?}"
+        );
+        assert_eq!(
+            revision(&e.aws.checkpoint(&table, name).await.expect(name)),
+            1
+        );
+    }
+
+    // Refused (a policy denying it): PutItem each, all written.
+    e.proxy.reset();
+    e.proxy
+        .rules(json!({"access_denied": ["TransactWriteItems"]}));
+    let names: Vec<String> = (0..20).map(|i| format!("denied{i}")).collect();
+    for (name, result) in save_all(names).await {
+        assert_eq!(result.expect(&name), 1, "{name}");
+    }
+    assert!(e.proxy.stats()["access_denied"].as_u64().unwrap() >= 1);
 }
 
 /// A password in the URI or the config never reaches a log line, whatever the server says.

@@ -389,8 +389,13 @@ pub struct Aws {
 
 impl Aws {
     pub async fn new(moto: &Moto) -> Self {
+        Self::at(&moto.endpoint()).await
+    }
+
+    /// Clients for another endpoint of moto's, such as the fault-injection proxy in front of it.
+    pub async fn at(endpoint: &str) -> Self {
         let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .endpoint_url(moto.endpoint())
+            .endpoint_url(endpoint)
             .region(aws_config::Region::new(REGION))
             .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
                 "test", "test", None, None, "test",

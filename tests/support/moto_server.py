@@ -103,7 +103,7 @@ models.Shard.get_records = _locked_get_records
 # Every DynamoDB write is serialised here, as one table's writes are by DynamoDB.
 from moto.dynamodb import models as dynamodb_models  # noqa: E402
 
-_dynamodb_lock = threading.Lock()
+_dynamodb_lock = threading.RLock()  # transact_write_items calls put_item
 
 
 def _serialised(method):

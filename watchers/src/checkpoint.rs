@@ -20,7 +20,8 @@ use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
-use aws_sdk_dynamodb::types::{AttributeValue, KeyType, KeysAndAttributes};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{AttributeValue, KeyType, KeysAndAttributes, Put, TransactWriteItem};
 use bson::{Bson, DateTime, Timestamp};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -197,10 +198,35 @@ pub struct CheckpointStore {
     /// BatchGetItem was refused once (an older IAM policy without it): said once, then loads
     /// fall back to GetItem each.
     batch_refused: Arc<std::sync::atomic::AtomicBool>,
+    /// First writes (no item yet) of the process's watchers are written together in the same
+    /// way: up to [`TRANSACT_ITEMS`] in one TransactWriteItems, each keeping its own
+    /// condition (1,000 first starts make 10 calls); a lone first write is one PutItem. Later
+    /// writes are PutItem each, at each watcher's own pace. See [`Self::save_snapshot`].
+    first_writes: Arc<std::sync::OnceLock<mpsc::UnboundedSender<FirstWrite>>>,
+    /// TransactWriteItems was refused once (an IAM policy denying it): said once, then first
+    /// writes are PutItem each.
+    transact_refused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Keys DynamoDB's BatchGetItem takes at most.
 const BATCH_GET_KEYS: usize = 100;
+
+/// Writes DynamoDB's TransactWriteItems takes at most.
+const TRANSACT_ITEMS: usize = 100;
+
+/// One compare-and-set write: the item, its condition and the condition's values.
+struct PutParts {
+    item: HashMap<String, AttributeValue>,
+    condition: String,
+    values: Option<HashMap<String, AttributeValue>>,
+}
+
+/// A first write waiting for the first writer task, and where its answer goes.
+struct FirstWrite {
+    watcher: String,
+    put: PutParts,
+    tx: oneshot::Sender<Result<u64, WatcherError>>,
+}
 
 /// A load waiting for the loader task: the watcher, and where its item goes.
 type LoadRequest = (
@@ -225,6 +251,8 @@ impl CheckpointStore {
             verified: Arc::default(),
             loads: Arc::default(),
             batch_refused: Arc::default(),
+            first_writes: Arc::default(),
+            transact_refused: Arc::default(),
         }
     }
 
@@ -275,15 +303,7 @@ impl CheckpointStore {
         }
         let loads = self.loads.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            // The loader's own store has no loader: it holds no sender of its channel, so
-            // the task ends with the last store of the process.
-            let reader =
-                Self::with_layout(self.client.clone(), self.table.clone(), self.layout.clone());
-            let reader = Self {
-                batch_refused: self.batch_refused.clone(),
-                ..reader
-            };
-            tokio::spawn(reader.serve_loads(rx));
+            tokio::spawn(self.helper().serve_loads(rx));
             tx
         });
         let (tx, rx) = oneshot::channel();
@@ -451,84 +471,311 @@ impl CheckpointStore {
         if let Layout::LegacyMarker { collection_name } = &self.layout {
             return self.save_legacy(collection_name, checkpoint).await;
         }
+        let put = self.put_parts(watcher, expected, checkpoint, snapshot, fence);
+        if expected.is_some() {
+            return self.put_one(watcher, expected, put).await;
+        }
+        // A first write (no item yet): written together with the other first writes waiting,
+        // as 1,000 watchers starting at once do (see `first_writes`).
+        let writes = self.first_writes.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(self.helper().serve_first_writes(rx));
+            tx
+        });
+        let (tx, rx) = oneshot::channel();
+        let request = FirstWrite {
+            watcher: watcher.to_owned(),
+            put,
+            tx,
+        };
+        if let Err(mpsc::error::SendError(request)) = writes.send(request) {
+            return self.put_one(watcher, None, request.put).await;
+        }
+        match rx.await {
+            Ok(result) => result,
+            // The writer task is gone (its runtime shut down): whether it sent the write is
+            // unknown, and the checkpointer settles that by reading back.
+            Err(_) => Err(WatcherError::CheckpointInDoubt {
+                table: self.table.clone(),
+                operation: "TransactWriteItems",
+                cause: InDoubt::Transport {
+                    detail: "the checkpoint writer task ended".into(),
+                },
+            }),
+        }
+    }
+
+    /// A store for a task of this store's (the loader, the first writer): it shares the
+    /// refusal flags and holds no sender of the task channels, so the tasks end with the last
+    /// store of the process.
+    fn helper(&self) -> Self {
+        Self {
+            batch_refused: self.batch_refused.clone(),
+            transact_refused: self.transact_refused.clone(),
+            ..Self::with_layout(self.client.clone(), self.table.clone(), self.layout.clone())
+        }
+    }
+
+    /// The item, condition and condition values of one compare-and-set write.
+    fn put_parts(
+        &self,
+        watcher: &str,
+        expected: Option<u64>,
+        checkpoint: &Checkpoint,
+        snapshot: Option<&SnapshotProgress>,
+        fence: Option<&Fence>,
+    ) -> PutParts {
         let revision = expected.map_or(1, |r| r + 1);
-        let mut req = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .item("watcher", AttributeValue::S(watcher.to_owned()))
-            .item("paused", AttributeValue::Bool(checkpoint.paused))
-            .item("revision", AttributeValue::N(revision.to_string()))
-            .item(
-                "updated_at",
+        let mut item = HashMap::from([
+            ("watcher".to_owned(), AttributeValue::S(watcher.to_owned())),
+            ("paused".to_owned(), AttributeValue::Bool(checkpoint.paused)),
+            (
+                "revision".to_owned(),
+                AttributeValue::N(revision.to_string()),
+            ),
+            (
+                "updated_at".to_owned(),
                 AttributeValue::S(DateTime::now().try_to_rfc3339_string().unwrap_or_default()),
-            );
+            ),
+        ]);
         if let Some(token) = &checkpoint.token {
             let text = token.clone().into_canonical_extjson().to_string();
-            req = req.item("resume_token", AttributeValue::S(text));
+            item.insert("resume_token".to_owned(), AttributeValue::S(text));
         }
         if let Some(ts) = checkpoint.cluster_time {
-            req = req.item("cluster_time", timestamp_attr(ts));
+            item.insert("cluster_time".to_owned(), timestamp_attr(ts));
         }
         if let Some(namespace) = &checkpoint.namespace {
-            req = req.item("namespace", AttributeValue::S(namespace.clone()));
+            item.insert("namespace".to_owned(), AttributeValue::S(namespace.clone()));
         }
         if let Some(progress) = snapshot.filter(|p| !p.all_done()) {
-            req = req.item("snapshot", AttributeValue::S(SNAPSHOT_COPYING.into()));
+            item.insert(
+                "snapshot".to_owned(),
+                AttributeValue::S(SNAPSHOT_COPYING.into()),
+            );
             let text = Bson::Document(progress.to_document())
                 .into_canonical_extjson()
                 .to_string();
-            req = req.item("snapshot_progress", AttributeValue::S(text));
+            item.insert("snapshot_progress".to_owned(), AttributeValue::S(text));
         }
+        let mut values = HashMap::new();
         let revision_condition = match expected {
             None => "attribute_not_exists(watcher)",
             Some(r) => {
-                req =
-                    req.expression_attribute_values(":expected", AttributeValue::N(r.to_string()));
+                values.insert(":expected".to_owned(), AttributeValue::N(r.to_string()));
                 "(attribute_not_exists(watcher) OR revision = :expected)"
             }
         };
-        req = match fence {
-            None => req.condition_expression(revision_condition),
-            Some(f) => req
-                .item("lease_owner", AttributeValue::S(f.owner.clone()))
-                .item("lease_epoch", AttributeValue::N(f.epoch.to_string()))
-                .condition_expression(format!(
+        let condition = match fence {
+            None => revision_condition.to_owned(),
+            Some(f) => {
+                item.insert("lease_owner".to_owned(), AttributeValue::S(f.owner.clone()));
+                item.insert(
+                    "lease_epoch".to_owned(),
+                    AttributeValue::N(f.epoch.to_string()),
+                );
+                values.insert(":epoch".to_owned(), AttributeValue::N(f.epoch.to_string()));
+                values.insert(":owner".to_owned(), AttributeValue::S(f.owner.clone()));
+                format!(
                     "{revision_condition} AND (attribute_not_exists(lease_epoch) \
                      OR lease_epoch < :epoch OR (lease_epoch = :epoch AND lease_owner = :owner))"
-                ))
-                .expression_attribute_values(":epoch", AttributeValue::N(f.epoch.to_string()))
-                .expression_attribute_values(":owner", AttributeValue::S(f.owner.clone())),
+                )
+            }
         };
+        PutParts {
+            item,
+            condition,
+            // DynamoDB refuses an empty map here.
+            values: (!values.is_empty()).then_some(values),
+        }
+    }
+
+    /// One compare-and-set PutItem.
+    async fn put_one(
+        &self,
+        watcher: &str,
+        expected: Option<u64>,
+        put: PutParts,
+    ) -> Result<u64, WatcherError> {
+        let revision = expected.map_or(1, |r| r + 1);
+        let req = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(put.item))
+            .condition_expression(put.condition)
+            .set_expression_attribute_values(put.values);
         // No SDK retries: a retried conditional write whose first attempt was applied fails its
         // own condition, and nothing could then tell it from a second writer. Every failure
         // reaches the checkpointer classified instead, and the next tick retries.
-        let no_retries = aws_sdk_dynamodb::Config::builder().retry_config(RetryConfig::disabled());
-        let err = match req.customize().config_override(no_retries).send().await {
+        let err = match req.customize().config_override(no_retries()).send().await {
             Ok(_) => return Ok(revision),
             Err(err) => err,
         };
-        let error = match classify_put_failure(&err, |raw: &HttpResponse| raw.status().as_u16()) {
-            PutFailure::ConditionFailed => {
-                let found = match self.load(watcher).await {
-                    Ok(Some(s)) => s.revision.to_string(),
-                    Ok(None) => "no item".into(),
-                    Err(e) => format!("unknown ({e})"),
-                };
-                WatcherError::CheckpointConflict {
-                    watcher: watcher.to_owned(),
-                    expected: expected.unwrap_or(0),
-                    found,
-                }
-            }
+        let failure = classify_write_failure(
+            &err,
+            |raw: &HttpResponse| raw.status().as_u16(),
+            PutItemError::is_conditional_check_failed_exception,
+        );
+        Err(match failure {
+            PutFailure::ConditionFailed => self.conflict(watcher, expected).await,
             PutFailure::InDoubt(cause) => WatcherError::CheckpointInDoubt {
                 table: self.table.clone(),
                 operation: "PutItem",
                 cause,
             },
             PutFailure::NotApplied => self.error("PutItem", err),
+        })
+    }
+
+    /// The error of a write whose condition failed, naming the revision found.
+    async fn conflict(&self, watcher: &str, expected: Option<u64>) -> WatcherError {
+        let found = match self.load(watcher).await {
+            Ok(Some(s)) => s.revision.to_string(),
+            Ok(None) => "no item".into(),
+            Err(e) => format!("unknown ({e})"),
         };
-        Err(error)
+        WatcherError::CheckpointConflict {
+            watcher: watcher.to_owned(),
+            expected: expected.unwrap_or(0),
+            found,
+        }
+    }
+
+    /// The first writer task (see `first_writes`): every first write waiting, up to
+    /// [`TRANSACT_ITEMS`], in one call, until every store is dropped.
+    async fn serve_first_writes(self, mut rx: mpsc::UnboundedReceiver<FirstWrite>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < TRANSACT_ITEMS {
+                match rx.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.first_write_batch(batch).await;
+        }
+    }
+
+    /// Writes `batch` with one TransactWriteItems: each item keeps its own condition, and a
+    /// cancelled transaction says which condition failed, so each write gets the answer its
+    /// own PutItem would have got. A lone write, a write whose transaction was cancelled for
+    /// another item, and every write of a call refused outright are written with PutItem each.
+    /// A transaction whose outcome is unknown leaves each of its writes in doubt (settled by
+    /// each watcher's read-back, as for PutItem).
+    async fn first_write_batch(&self, mut batch: Vec<FirstWrite>) {
+        let refused = self
+            .transact_refused
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if batch.len() == 1 || refused {
+            return self.put_each(batch).await;
+        }
+        // A transaction may not touch one item twice; a second write of a watcher (not made
+        // by one process) goes alone.
+        let mut seen = std::collections::HashSet::new();
+        let (together, alone): (Vec<_>, Vec<_>) = batch
+            .drain(..)
+            .partition(|w| seen.insert(w.watcher.clone()));
+        let items: Result<Vec<TransactWriteItem>, _> = together
+            .iter()
+            .map(|w| {
+                Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(w.put.item.clone()))
+                    .condition_expression(w.put.condition.clone())
+                    .set_expression_attribute_values(w.put.values.clone())
+                    .build()
+                    .map(|put| TransactWriteItem::builder().put(put).build())
+            })
+            .collect();
+        let Ok(items) = items else {
+            return self
+                .put_each(together.into_iter().chain(alone).collect())
+                .await;
+        };
+        let sent = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .customize()
+            .config_override(no_retries())
+            .send()
+            .await;
+        let mut again = alone;
+        match sent {
+            Ok(_) => {
+                info!(
+                    table = %self.table,
+                    writes = together.len(),
+                    "first checkpoints written together (one TransactWriteItems)"
+                );
+                for w in together {
+                    let _ = w.tx.send(Ok(1));
+                }
+            }
+            Err(err) => {
+                let reasons: Option<Vec<Option<String>>> = match &err {
+                    SdkError::ServiceError(e) => match e.err() {
+                        TransactWriteItemsError::TransactionCanceledException(c) => Some(
+                            c.cancellation_reasons()
+                                .iter()
+                                .map(|r| r.code().map(str::to_owned))
+                                .collect(),
+                        ),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                match reasons {
+                    Some(reasons) if reasons.len() == together.len() => {
+                        for (w, code) in together.into_iter().zip(reasons) {
+                            if code.as_deref() == Some("ConditionalCheckFailed") {
+                                let _ = w.tx.send(Err(self.conflict(&w.watcher, None).await));
+                            } else {
+                                again.push(w);
+                            }
+                        }
+                    }
+                    _ => match classify_write_failure(
+                        &err,
+                        |raw: &HttpResponse| raw.status().as_u16(),
+                        |_| false,
+                    ) {
+                        PutFailure::InDoubt(cause) => {
+                            for w in together {
+                                let _ = w.tx.send(Err(WatcherError::CheckpointInDoubt {
+                                    table: self.table.clone(),
+                                    operation: "TransactWriteItems",
+                                    cause: cause.clone(),
+                                }));
+                            }
+                        }
+                        _ => {
+                            let error = self.error("TransactWriteItems", err);
+                            if matches!(error, WatcherError::AccessDenied { .. })
+                                && !self
+                                    .transact_refused
+                                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                            {
+                                warn!(table = %self.table, %error, "TransactWriteItems is refused \
+                                    on the checkpoint table; first checkpoints are written one \
+                                    PutItem each");
+                            }
+                            again.extend(together);
+                        }
+                    },
+                }
+            }
+        }
+        self.put_each(again).await;
+    }
+
+    /// PutItem for each write of `batch`, side by side.
+    async fn put_each(&self, batch: Vec<FirstWrite>) {
+        futures_util::future::join_all(batch.into_iter().map(|w| async move {
+            let _ = w.tx.send(self.put_one(&w.watcher, None, w.put).await);
+        }))
+        .await;
     }
 
     /// Sets the stored checkpoint's `paused` flag (an operator's pause or resume of a watcher
@@ -680,11 +927,13 @@ enum PutFailure {
 
 /// Sorts a PutItem failure by what it says about the item. `status` reads the HTTP status of a
 /// raw response (a parameter so that tests need no HTTP types).
-fn classify_put_failure<R>(
-    err: &SdkError<PutItemError, R>,
+fn classify_write_failure<E, R>(
+    err: &SdkError<E, R>,
     status: impl Fn(&R) -> u16,
+    condition_failed: impl Fn(&E) -> bool,
 ) -> PutFailure
 where
+    E: std::error::Error + 'static,
     R: std::fmt::Debug,
 {
     let detail = || DisplayErrorContext(err).to_string();
@@ -696,9 +945,7 @@ where
         SdkError::ResponseError(_) => {
             PutFailure::InDoubt(InDoubt::UnreadableAnswer { detail: detail() })
         }
-        SdkError::ServiceError(e) if e.err().is_conditional_check_failed_exception() => {
-            PutFailure::ConditionFailed
-        }
+        SdkError::ServiceError(e) if condition_failed(e.err()) => PutFailure::ConditionFailed,
         SdkError::ServiceError(e) => match status(e.raw()) {
             code @ 500.. => PutFailure::InDoubt(InDoubt::ServerError {
                 status: code,
@@ -708,6 +955,11 @@ where
         },
         _ => PutFailure::InDoubt(InDoubt::Transport { detail: detail() }),
     }
+}
+
+/// SDK settings for a conditional write: no retries (see [`CheckpointStore::save`]).
+fn no_retries() -> aws_sdk_dynamodb::config::Builder {
+    aws_sdk_dynamodb::Config::builder().retry_config(RetryConfig::disabled())
 }
 
 /// Where checkpoints are kept: DynamoDB ([`CheckpointStore`]) in production, memory in the
@@ -822,6 +1074,13 @@ pub struct Checkpointer {
     stored: Option<Checkpoint>,
 }
 
+/// A write to make: what the item will hold, and the tracker position it stands for.
+#[derive(Debug, Clone)]
+pub struct Due {
+    checkpoint: Checkpoint,
+    position: Option<Position>,
+}
+
 /// One write as sent: what the item holds if it was applied.
 #[derive(Debug, Clone)]
 struct Attempt {
@@ -879,9 +1138,19 @@ impl Checkpointer {
         tracker: &AckTracker,
         force: bool,
     ) -> Result<bool, WatcherError> {
+        match self.due(tracker, force) {
+            Some(due) => self.write_due(store, watcher, due).await,
+            None => Ok(false),
+        }
+    }
+
+    /// What a write now would store: `None` when the frontier did not move and the paused
+    /// flag did not change (and not `force`), or nothing is known yet. Taken apart from the
+    /// write itself so that the write can run while the tracker moves on.
+    pub fn due(&self, tracker: &AckTracker, force: bool) -> Option<Due> {
         let frontier = tracker.frontier();
         if !force && frontier == self.last_written.as_ref() && self.paused == self.written_paused {
-            return Ok(false);
+            return None;
         }
         let checkpoint = match frontier {
             Some(p) => Checkpoint {
@@ -890,17 +1159,32 @@ impl Checkpointer {
                 paused: self.paused,
                 namespace: self.namespace.clone(),
             },
-            None => match self.initial_time {
-                Some(ts) => Checkpoint {
-                    token: None,
-                    cluster_time: Some(ts),
-                    paused: self.paused,
-                    namespace: self.namespace.clone(),
-                },
-                // Nothing known yet; there is nothing to protect.
-                None => return Ok(false),
+            None => Checkpoint {
+                token: None,
+                // Nothing known yet: there is nothing to protect.
+                cluster_time: Some(self.initial_time?),
+                paused: self.paused,
+                namespace: self.namespace.clone(),
             },
         };
+        Some(Due {
+            checkpoint,
+            position: frontier.cloned(),
+        })
+    }
+
+    /// Writes what [`Self::due`] returned; see [`Self::write`].
+    pub async fn write_due(
+        &mut self,
+        store: &impl CheckpointBackend,
+        watcher: &str,
+        due: Due,
+    ) -> Result<bool, WatcherError> {
+        let Due {
+            checkpoint,
+            position,
+        } = due;
+        let frontier = position.as_ref();
         let mut saved = self.save(store, watcher, &checkpoint, frontier).await?;
         if saved == Saved::Adopted {
             if self.last_written.as_ref() == frontier && self.written_paused == checkpoint.paused {
@@ -2000,7 +2284,13 @@ mod tests {
             ConditionalCheckFailedException, InternalServerError,
             ProvisionedThroughputExceededException,
         };
-        let classify = |e: SdkError<PutItemError, u16>| classify_put_failure(&e, |s: &u16| *s);
+        let classify = |e: SdkError<PutItemError, u16>| {
+            classify_write_failure(
+                &e,
+                |s: &u16| *s,
+                PutItemError::is_conditional_check_failed_exception,
+            )
+        };
         let ccf = PutItemError::ConditionalCheckFailedException(
             ConditionalCheckFailedException::builder().build(),
         );

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{Bson, Document, RawDocumentBuf};
+use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::Future;
 use prometheus::IntCounter;
@@ -753,6 +754,12 @@ impl<S: RecordSink> Pipeline<S> {
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut drain_deadline: Option<Instant> = None;
         let mut checkpoint_failures: u32 = 0;
+        // The checkpoint write in flight: it runs beside the loop (a slow DynamoDB answer,
+        // up to the write timeout and a read-back, must not hold back reading and sending),
+        // owning the checkpointer until it returns; one at a time, so revisions stay in order.
+        let mut writing: Option<BoxFuture<'_, (Checkpointer, Result<bool, WatcherError>)>> = None;
+        // A pause asked for while a write holds the checkpointer, applied when it returns.
+        let mut pause_after_write = false;
         loop {
             self.turns.fetch_add(1, Ordering::Relaxed);
             if self.stop.is_some() {
@@ -788,7 +795,8 @@ impl<S: RecordSink> Pipeline<S> {
             }
             let can_read = self.can_read();
             let can_copy = self.can_copy();
-            self.watch_reader(can_read);
+            // Messages waiting in the channel: the stream answered, the loop was busy.
+            self.watch_reader(can_read && rx.is_empty());
             let wake = self.next_wake();
             let drain_wake = drain_deadline.filter(|_| !self.halted);
             tokio::select! {
@@ -810,7 +818,11 @@ impl<S: RecordSink> Pipeline<S> {
                     cmd => {
                         if matches!(cmd, Command::Pause(_)) {
                             info!("pausing: flushing records in flight");
-                            cp.paused = true;
+                            if writing.is_some() {
+                                pause_after_write = true;
+                            } else {
+                                cp.paused = true;
+                            }
                         } else {
                             info!("rewinding: flushing records in flight");
                         }
@@ -828,45 +840,29 @@ impl<S: RecordSink> Pipeline<S> {
                 _ = sleep_until_opt(drain_wake), if drain_wake.is_some() => {}
                 _ = tick.tick() => {
                     self.publish();
-                    if let Some(store) = store {
-                        match cp.write(store, &self.spec.name, &self.tracker, false).await {
-                            Ok(wrote) => {
-                                checkpoint_failures = 0;
-                                if wrote {
-                                    record_checkpoint(&self.status, &self.metrics, cp);
-                                }
-                                if self.checkpoint_trouble.take().is_some() {
-                                    info!("checkpoint writes succeed again");
-                                    self.show_health();
-                                }
-                            }
-                            Err(e @ WatcherError::CheckpointConflict { .. }) => {
-                                self.halted = true;
-                                self.stop = Some(Err(e));
-                            }
-                            Err(e) => {
-                                checkpoint_failures += 1;
-                                if checkpoint_failures.is_power_of_two() {
-                                    warn!(error = %e, failures = checkpoint_failures, "checkpoint write failed; will retry");
-                                }
-                                // A failure that waits for a fix from outside (a permission,
-                                // the table) is shown at once; others once they persist.
-                                if checkpoint_failures >= CHECKPOINT_FAILURES_SHOWN
-                                    || e.retry() == Retry::UntilFixed
-                                {
-                                    // Delivery goes on, but the stored position is frozen: a
-                                    // restart would replay everything since it.
-                                    self.checkpoint_trouble = Some(format!(
-                                        "checkpoints cannot be written ({checkpoint_failures} \
-                                         failed in a row; events are still delivered, a \
-                                         restart would replay them since the last stored \
-                                         checkpoint): {e}"
-                                    ));
-                                    self.show_health();
-                                }
-                            }
+                    if let (Some(store), None) = (store, writing.as_ref()) {
+                        if let Some(due) = cp.due(&self.tracker, false) {
+                            let mut owned = std::mem::take(cp);
+                            let name = self.spec.name.clone();
+                            writing = Some(Box::pin(async move {
+                                let result = owned.write_due(store, &name, due).await;
+                                (owned, result)
+                            }));
                         }
                     }
+                }
+                (owned, result) = async {
+                    match writing.as_mut() {
+                        Some(write) => write.await,
+                        None => std::future::pending().await,
+                    }
+                }, if writing.is_some() => {
+                    writing = None;
+                    *cp = owned;
+                    if std::mem::take(&mut pause_after_write) {
+                        cp.paused = true;
+                    }
+                    self.on_checkpoint_written(result, cp, &mut checkpoint_failures);
                 }
                 // A copy reads what the stream leaves: when the stream has nothing waiting, or
                 // after a run of its messages (see `COPY_EVERY`).
@@ -921,7 +917,62 @@ impl<S: RecordSink> Pipeline<S> {
                 }
             }
         }
+        if let Some(write) = writing.take() {
+            let (owned, result) = write.await;
+            *cp = owned;
+            if pause_after_write {
+                cp.paused = true;
+            }
+            self.on_checkpoint_written(result, cp, &mut checkpoint_failures);
+        }
         self.stop.take().unwrap_or(Ok(()))
+    }
+
+    /// Takes the answer of a checkpoint write made by the loop's tick.
+    fn on_checkpoint_written(
+        &mut self,
+        result: Result<bool, WatcherError>,
+        cp: &Checkpointer,
+        checkpoint_failures: &mut u32,
+    ) {
+        match result {
+            Ok(wrote) => {
+                *checkpoint_failures = 0;
+                if wrote {
+                    record_checkpoint(&self.status, &self.metrics, cp);
+                }
+                if self.checkpoint_trouble.take().is_some() {
+                    info!("checkpoint writes succeed again");
+                    self.show_health();
+                }
+            }
+            Err(e @ WatcherError::CheckpointConflict { .. }) => {
+                self.halted = true;
+                if !matches!(self.stop, Some(Err(_))) {
+                    self.stop = Some(Err(e));
+                }
+            }
+            Err(e) => {
+                *checkpoint_failures += 1;
+                if checkpoint_failures.is_power_of_two() {
+                    warn!(error = %e, failures = *checkpoint_failures, "checkpoint write failed; will retry");
+                }
+                // A failure that waits for a fix from outside (a permission, the table) is
+                // shown at once; others once they persist.
+                if *checkpoint_failures >= CHECKPOINT_FAILURES_SHOWN
+                    || e.retry() == Retry::UntilFixed
+                {
+                    // Delivery goes on, but the stored position is frozen: a restart would
+                    // replay everything since it.
+                    self.checkpoint_trouble = Some(format!(
+                        "checkpoints cannot be written ({checkpoint_failures} failed in a row; \
+                         events are still delivered, a restart would replay them since the \
+                         last stored checkpoint): {e}"
+                    ));
+                    self.show_health();
+                }
+            }
+        }
     }
 
     /// When the loop must wake by itself: a delayed record's retry time, or the moment a call

@@ -123,6 +123,8 @@ struct MemoryStore {
     saves: Arc<Mutex<Vec<(Instant, Checkpoint)>>>,
     /// Every save fails (as with the table deleted) while set.
     failing: Arc<std::sync::atomic::AtomicBool>,
+    /// How long each save takes (a slow DynamoDB), in milliseconds.
+    delay_ms: Arc<AtomicU64>,
 }
 
 impl CheckpointBackend for MemoryStore {
@@ -141,6 +143,7 @@ impl CheckpointBackend for MemoryStore {
         checkpoint: &Checkpoint,
         _fence: Option<&crate::lease::Fence>,
     ) -> Result<u64, WatcherError> {
+        tokio::time::sleep(ms(self.delay_ms.load(Ordering::Relaxed))).await;
         if self.failing.load(Ordering::Relaxed) {
             return Err(WatcherError::CheckpointTableMissing {
                 table: "memory".into(),
@@ -661,6 +664,55 @@ async fn the_checkpoint_is_written_each_interval_while_the_frontier_moves() {
     assert_eq!(
         saves[1].1.token,
         Some(Bson::Document(doc! {"_data": "00000002"}))
+    );
+    run.stop().await.0.unwrap();
+}
+
+/// A checkpoint write that takes seconds (a slow DynamoDB, up to the write timeout and a
+/// read-back) runs beside the loop: events read meanwhile are sent at once, the stream is not
+/// taken for silent, and the next write, after it returns, stores the newest frontier.
+#[tokio::test(start_paused = true)]
+async fn a_slow_checkpoint_write_holds_back_neither_delivery_nor_reading() {
+    let sink = FakeSink::accept_all();
+    let store = MemoryStore::default();
+    // Under the write timeout (5 s), after which a write is in doubt.
+    store.delay_ms.store(4_000, Ordering::Relaxed);
+    let mut run = Run::start(
+        spec(BatchSettings {
+            linger: ms(1),
+            ..batch()
+        }),
+        sink.clone(),
+        Some(store.clone()),
+    );
+    let start = Instant::now();
+    run.insert("a").await;
+    // The first write starts at 1 s and returns at 5 s.
+    tokio::time::sleep(ms(1500)).await;
+    for (i, key) in ["b", "c", "d"].into_iter().enumerate() {
+        run.insert(key).await;
+        tokio::time::sleep(ms(1000)).await;
+        assert_eq!(
+            sink.delivered().len(),
+            i + 2,
+            "`{key}` was not sent while a checkpoint write was out"
+        );
+        assert_ne!(run.status.borrow().state, State::BackingOff);
+    }
+    assert!(
+        store.saves.lock().unwrap().is_empty(),
+        "the first write is still out"
+    );
+    tokio::time::sleep(ms(8000)).await;
+    let saves = store.saves.lock().unwrap().clone();
+    assert_eq!(saves.len(), 2, "{saves:?}");
+    // Saves are stamped when they return; the second starts at the first tick after.
+    assert_eq!(saves[0].0 - start, ms(5000));
+    assert_eq!(saves[1].0 - start, ms(10000));
+    assert_eq!(
+        saves[1].1.token,
+        Some(Bson::Document(doc! {"_data": "00000004"})),
+        "the second write stores the newest frontier"
     );
     run.stop().await.0.unwrap();
 }
