@@ -160,12 +160,14 @@ async fn checkpoint_never_moves_ahead_of_acks() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     let acked = e.aws.checkpoint(&table, "w").await.unwrap_or(acked);
 
-    // Phase A: the records land but their acks are held.
+    // Phase A: the records land but their acks are held. Which of them land depends on how
+    // the reads fell into calls (a held call keeps its slot, so under load the later ones may
+    // wait behind it): one landed is enough, phase C checks that all arrive.
     e.proxy.rules(json!({"hold": true}));
     let a: Vec<i64> = (1..=10).collect();
     insert_ids(&coll, a.clone()).await;
     e.aws
-        .wait_for_records(&stream, WAIT, |r| has_all(r, &a))
+        .wait_for_records(&stream, WAIT, |r| a.iter().any(|&id| count(r, id) > 0))
         .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let now = e.aws.checkpoint(&table, "w").await.expect("checkpoint");

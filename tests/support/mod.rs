@@ -28,6 +28,14 @@ pub fn ids_of(records: &[Record]) -> Vec<i64> {
     records.iter().filter_map(Record::id).collect()
 }
 
+/// The records' ids, sorted: what a test compares when records of different keys may land in
+/// either order (two calls in flight; only the order per key is kept).
+pub fn sorted_ids(records: &[Record]) -> Vec<i64> {
+    let mut ids = ids_of(records);
+    ids.sort_unstable();
+    ids
+}
+
 /// Whether every id in `ids` is among the records.
 pub fn has_all(records: &[Record], ids: &[i64]) -> bool {
     let got: std::collections::HashSet<i64> = ids_of(records).into_iter().collect();

@@ -319,17 +319,8 @@ impl CheckpointStore {
 
     /// The loader task (see `loads`): every load waiting, up to [`BATCH_GET_KEYS`], in one
     /// call, until every store is dropped.
-    async fn serve_loads(self, mut rx: mpsc::UnboundedReceiver<LoadRequest>) {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < BATCH_GET_KEYS {
-                match rx.try_recv() {
-                    Ok(request) => batch.push(request),
-                    Err(_) => break,
-                }
-            }
-            self.load_batch(batch).await;
-        }
+    async fn serve_loads(self, rx: mpsc::UnboundedReceiver<LoadRequest>) {
+        serve_batched(rx, BATCH_GET_KEYS, |batch| self.load_batch(batch)).await;
     }
 
     /// Reads `batch` with one BatchGetItem (consistent reads); a lone load, keys DynamoDB left
@@ -644,17 +635,8 @@ impl CheckpointStore {
 
     /// The first writer task (see `first_writes`): every first write waiting, up to
     /// [`TRANSACT_ITEMS`], in one call, until every store is dropped.
-    async fn serve_first_writes(self, mut rx: mpsc::UnboundedReceiver<FirstWrite>) {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < TRANSACT_ITEMS {
-                match rx.try_recv() {
-                    Ok(request) => batch.push(request),
-                    Err(_) => break,
-                }
-            }
-            self.first_write_batch(batch).await;
-        }
+    async fn serve_first_writes(self, rx: mpsc::UnboundedReceiver<FirstWrite>) {
+        serve_batched(rx, TRANSACT_ITEMS, |batch| self.first_write_batch(batch)).await;
     }
 
     /// Writes `batch` with one TransactWriteItems: each item keeps its own condition, and a
@@ -954,6 +936,25 @@ where
             _ => PutFailure::NotApplied,
         },
         _ => PutFailure::InDoubt(InDoubt::Transport { detail: detail() }),
+    }
+}
+
+/// Hands every request waiting on `rx`, up to `max`, to `batch` together, until every sender
+/// is dropped (the loader's and the first writer's loop).
+async fn serve_batched<T, F, Fut>(mut rx: mpsc::UnboundedReceiver<T>, max: usize, mut batch: F)
+where
+    F: FnMut(Vec<T>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    while let Some(first) = rx.recv().await {
+        let mut requests = vec![first];
+        while requests.len() < max {
+            match rx.try_recv() {
+                Ok(request) => requests.push(request),
+                Err(_) => break,
+            }
+        }
+        batch(requests).await;
     }
 }
 
