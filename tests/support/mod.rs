@@ -54,25 +54,53 @@ pub fn venv_bin() -> PathBuf {
     }
 }
 
+/// A loopback port nobody listens on, never the same twice in one test process: the port is
+/// free only until a server binds it, and two tests running at once could otherwise be handed
+/// the same one (one server then fails to bind, and its test talks to the other's).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
-fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+/// Waits until `port` accepts connections; `Err` with the child's exit status when the child
+/// exited first (such as failing to bind a port something else took meanwhile).
+fn wait_for_port(port: u16, what: &str, child: &mut Child) -> Result<(), std::process::ExitStatus> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited during start-up: {status}");
+            return Err(status);
+        }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("{what} did not listen on 127.0.0.1:{port} within 60 s");
+}
+
+/// Starts a server on a free port with `spawn`, on another port when it exits during start-up
+/// (an outgoing connection may take a free port as its own before the server binds it).
+fn spawn_on_free_port(what: &str, mut spawn: impl FnMut(u16) -> Child) -> (u16, Child) {
+    let mut last = None;
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = spawn(port);
+        match wait_for_port(port, what, &mut child) {
+            Ok(()) => return (port, child),
+            Err(status) => last = Some(status),
+        }
+    }
+    panic!("{what} exited during start-up five times, last: {last:?}");
 }
 
 /// A child process killed on drop.
@@ -102,7 +130,19 @@ impl Mongo {
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
-        Self::start_on(free_port(), ":memory:", extra)
+        let mut m = Self {
+            port: 0,
+            storage: ":memory:".to_owned(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            proc: None,
+        };
+        let (port, child) = spawn_on_free_port("secantusd-py", |port| m.command(port));
+        m.port = port;
+        m.proc = Some(Proc {
+            child,
+            name: "secantusd".into(),
+        });
+        m
     }
 
     /// A server on `port` with its data in `storage` (a directory survives restarts).
@@ -117,16 +157,25 @@ impl Mongo {
         m
     }
 
-    fn spawn(&mut self) {
-        let mut child = Command::new(venv_bin().join("secantusd-py"))
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+    fn command(&self, port: u16) -> Child {
+        Command::new(venv_bin().join("secantusd-py"))
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--storage-path", &self.storage, "--enable-test-commands"])
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start secantusd-py (run scripts/test-setup first)");
-        wait_for_port(self.port, "secantusd-py", &mut child);
+            .expect("start secantusd-py (run scripts/test-setup first)")
+    }
+
+    fn spawn(&mut self) {
+        let mut child = self.command(self.port);
+        if let Err(status) = wait_for_port(self.port, "secantusd-py", &mut child) {
+            panic!(
+                "secantusd-py exited during start-up on port {}: {status}",
+                self.port
+            );
+        }
         self.proc = Some(Proc {
             child,
             name: "secantusd".into(),
@@ -180,18 +229,18 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Self {
-        let port = free_port();
         // Through the shim that makes moto's Kinesis safe for concurrent PutRecords (see
         // tests/support/moto_server.py): without it moto itself loses records.
         let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/moto_server.py");
-        let mut child = Command::new(venv_bin().join("python"))
-            .arg(shim)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server (run scripts/test-setup first)");
-        wait_for_port(port, "moto_server", &mut child);
+        let (port, child) = spawn_on_free_port("moto_server", |port| {
+            Command::new(venv_bin().join("python"))
+                .arg(&shim)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start moto_server (run scripts/test-setup first)")
+        });
         Self {
             port,
             _proc: Proc {
