@@ -1,6 +1,6 @@
 //! Several replicas of one config (`leases: {table, ttl}`), as processes against SecantusDB and
 //! moto: they share the watchers evenly, a kill -9 moves a replica's watchers to the others
-//! within ttl + 5 s without loss, SIGTERM hands them over in seconds without duplicates, a
+//! within ttl + 10 s without loss, SIGTERM hands them over in seconds without duplicates, a
 //! joining replica takes its share, and a replica that lost its lease while frozen (SIGSTOP,
 //! as a long GC pause) is fenced: it never moves a checkpoint again and stops the watcher.
 
@@ -298,7 +298,8 @@ impl Replica {
 }
 
 /// Three replicas share six watchers two each; a kill -9 of one moves its two to the others
-/// within ttl + 5 s, under steady writes, and nothing is lost (first arrivals in order).
+/// within ttl + 10 s (ttl + ttl/3 expected; the slack is for a loaded test machine), under
+/// steady writes, and nothing is lost (first arrivals in order).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_the_watchers_and_take_over_after_kill9() {
     let c = Cluster::new(6, "3s").await;
@@ -321,7 +322,7 @@ async fn replicas_share_the_watchers_and_take_over_after_kill9() {
     assert_eq!(killed.len(), 2);
     a.w.kill9();
     let (after, took) = c
-        .wait_owned(&[&b, &d], Duration::from_secs(3 + 5), |n| {
+        .wait_owned(&[&b, &d], Duration::from_secs(3 + 10), |n| {
             !n.contains_key(&a_id) && n.len() == 2 && n.values().all(|&k| k == 3)
         })
         .await;
