@@ -1123,6 +1123,15 @@ impl Checkpointer {
         }
     }
 
+    /// The item holds `revision` (loaded at a life's start, or written again under a lease):
+    /// the next write names it. A carried write in doubt at or below it landed before the load
+    /// or can never land (its condition names an older revision): it is dropped, or a later
+    /// read-back could take it for ours over a newer write of this life still in flight.
+    pub fn based_on(&mut self, revision: u64) {
+        self.revision = Some(revision);
+        self.in_doubt.retain(|a| a.revision > revision);
+    }
+
     /// The writes still unsettled, for the next life.
     pub fn take_in_doubt(&mut self) -> InDoubtWrites {
         InDoubtWrites(std::mem::take(&mut self.in_doubt))
@@ -2240,6 +2249,43 @@ mod tests {
         );
         assert!(cp.write(&store, W, &tracker_at(3), false).await.unwrap());
         assert_eq!(stored_at(&store), (3, at(3)));
+    }
+
+    /// A write of the last life that landed before this life loaded the item is this life's
+    /// base: when this life's own write is then in doubt and not yet applied, the read-back
+    /// (still the base) must not adopt the carried write and write the same revision again; the
+    /// write stays in doubt, and is adopted once it lands.
+    #[tokio::test(start_paused = true)]
+    async fn a_carried_write_that_landed_before_the_load_is_the_next_lifes_base() {
+        let store = MemoryCheckpoints::new();
+        let mut cp = started(&store).await;
+        store.fail_next_save(Fault::Hang);
+        cp.write(&store, W, &tracker_at(2), false)
+            .await
+            .unwrap_err();
+        let landed = |revision, n| Stored {
+            checkpoint: at(n),
+            revision,
+            updated_at: None,
+            snapshot: None,
+        };
+        store.insert(W, landed(2, 2));
+        // The next life loads revision 2.
+        let mut next = Checkpointer::with_in_doubt(cp.take_in_doubt());
+        next.based_on(store.stored(W).expect("an item").revision);
+        store.fail_next_save(Fault::Hang);
+        let err = next
+            .write(&store, W, &tracker_at(3), false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, WatcherError::CheckpointNotApplied { revision: 3, .. }),
+            "{err}"
+        );
+        // It lands late; the next write adopts it and writes on top.
+        store.insert(W, landed(3, 3));
+        assert!(next.write(&store, W, &tracker_at(4), false).await.unwrap());
+        assert_eq!(stored_at(&store), (4, at(4)));
     }
 
     #[tokio::test]

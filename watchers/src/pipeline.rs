@@ -162,10 +162,12 @@ async fn life(
             epoch = fence.epoch,
             revision, "checkpoint fenced under this replica's lease"
         );
-        cp.revision = Some(revision);
+        cp.based_on(revision);
     }
     if let Some(s) = &stored {
-        cp.revision = cp.revision.or(Some(s.revision));
+        if cp.revision.is_none() {
+            cp.based_on(s.revision);
+        }
         cp.paused = s.checkpoint.paused;
         // Shown (and measured against the oplog) from the start, not only after this
         // process's first write: a watcher that comes back paused or parked writes none.
