@@ -1766,24 +1766,30 @@ mod tests {
         assert!(attr_to_bson(&AttributeValue::Ss(vec![])).is_err());
     }
 
-    #[test]
-    fn items_parse_and_reject_garbage() {
-        let mut item = HashMap::from([
+    /// The item of watcher `w` at revision 3 with a resume token, as the parse tests start.
+    fn base_item() -> HashMap<String, AttributeValue> {
+        HashMap::from([
             ("watcher".to_owned(), AttributeValue::S("w".into())),
             (
                 "resume_token".to_owned(),
                 AttributeValue::S(r#"{"_data": "abc"}"#.into()),
             ),
-            ("revision".to_owned(), AttributeValue::N("7".into())),
-            ("paused".to_owned(), AttributeValue::Bool(true)),
-            (
-                "cluster_time".to_owned(),
-                timestamp_attr(Timestamp {
-                    time: 10,
-                    increment: 2,
-                }),
-            ),
-        ]);
+            ("revision".to_owned(), AttributeValue::N("3".into())),
+        ])
+    }
+
+    #[test]
+    fn items_parse_and_reject_garbage() {
+        let mut item = base_item();
+        item.insert("revision".into(), AttributeValue::N("7".into()));
+        item.insert("paused".into(), AttributeValue::Bool(true));
+        item.insert(
+            "cluster_time".into(),
+            timestamp_attr(Timestamp {
+                time: 10,
+                increment: 2,
+            }),
+        );
         let stored = parse_item("w", &item).unwrap();
         assert_eq!(stored.revision, 7);
         assert!(stored.checkpoint.paused);
@@ -1805,14 +1811,7 @@ mod tests {
 
     #[test]
     fn the_namespace_is_read_where_stored_and_old_items_stay_readable() {
-        let mut item = HashMap::from([
-            ("watcher".to_owned(), AttributeValue::S("w".into())),
-            (
-                "resume_token".to_owned(),
-                AttributeValue::S(r#"{"_data": "abc"}"#.into()),
-            ),
-            ("revision".to_owned(), AttributeValue::N("3".into())),
-        ]);
+        let mut item = base_item();
         let old = parse_item("w", &item).expect("an item written before namespaces");
         assert_eq!(old.checkpoint.namespace, None);
         item.insert("namespace".into(), AttributeValue::S("shop.orders".into()));
@@ -1825,14 +1824,7 @@ mod tests {
 
     #[test]
     fn a_copy_in_progress_is_read_with_its_last_acknowledged_id() {
-        let mut item = HashMap::from([
-            ("watcher".to_owned(), AttributeValue::S("w".into())),
-            (
-                "resume_token".to_owned(),
-                AttributeValue::S(r#"{"_data": "abc"}"#.into()),
-            ),
-            ("revision".to_owned(), AttributeValue::N("3".into())),
-        ]);
+        let mut item = base_item();
         assert_eq!(parse_item("w", &item).unwrap().snapshot, None);
         item.insert("snapshot".into(), AttributeValue::S("copying".into()));
         assert_eq!(
