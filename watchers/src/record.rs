@@ -79,13 +79,21 @@ impl FieldPath {
         &self,
         doc: &'a RawDocument,
     ) -> bson::error::Result<Option<RawBsonRef<'a>>> {
-        let Some((first, rest)) = self.0.split_first() else {
+        let Some(first) = self.0.first() else {
             return Ok(None);
         };
-        let Some(mut value) = doc.get(first)? else {
+        self.descend(doc.get(first)?)
+    }
+
+    /// The rest of the path below `root`, the value of its first segment.
+    fn descend<'a>(
+        &self,
+        root: Option<RawBsonRef<'a>>,
+    ) -> bson::error::Result<Option<RawBsonRef<'a>>> {
+        let Some(mut value) = root else {
             return Ok(None);
         };
-        for part in rest {
+        for part in self.0.iter().skip(1) {
             value = match value {
                 RawBsonRef::Document(d) => match d.get(part)? {
                     Some(v) => v,
@@ -95,6 +103,11 @@ impl FieldPath {
             };
         }
         Ok(Some(value))
+    }
+
+    /// Whether a path into `fullDocument`, which has a twin in the pre-image.
+    fn in_full_document(&self) -> bool {
+        self.0.first().is_some_and(|f| f == "fullDocument")
     }
 }
 
@@ -158,11 +171,24 @@ pub fn partition_key_raw(event: &RawDocument, path: &FieldPath) -> bson::error::
             None => None,
         },
     };
+    render_key_raw(value, || event.get_document("ns").ok())
+}
+
+/// A partition key from the value found at the key's path, or else the namespace.
+fn render_key_raw<'a>(
+    value: Option<RawBsonRef<'a>>,
+    ns: impl FnOnce() -> Option<&'a RawDocument>,
+) -> bson::error::Result<String> {
     let rendered = match value {
         Some(RawBsonRef::ObjectId(oid)) => oid.to_hex(),
         Some(RawBsonRef::String(s)) if !s.is_empty() => s.to_owned(),
+        // What `to_text` writes for them, without building a JSON value.
+        Some(RawBsonRef::Int32(n)) => itoa::Buffer::new().format(n).to_owned(),
+        Some(RawBsonRef::Int64(n)) => itoa::Buffer::new().format(n).to_owned(),
         Some(other) => to_text(&Bson::try_from(RawBson::from(other))?),
-        None => namespace_raw(event).unwrap_or_else(|| "(no-key)".to_owned()),
+        None => ns()
+            .and_then(namespace_raw)
+            .unwrap_or_else(|| "(no-key)".to_owned()),
     };
     Ok(bounded_key(rendered))
 }
@@ -190,6 +216,52 @@ pub struct EventRecord {
     pub document_key: Option<Bson>,
 }
 
+/// The top-level fields of a raw event that [`EventRecord::from_raw`] reads, each the first
+/// element of its name (as `RawDocument::get` finds it).
+struct Top<'a, 'k> {
+    key: &'k FieldPath,
+    id: Option<RawBsonRef<'a>>,
+    cluster_time: Option<RawBsonRef<'a>>,
+    operation: Option<RawBsonRef<'a>>,
+    document_key: Option<RawBsonRef<'a>>,
+    ns: Option<RawBsonRef<'a>>,
+    /// The value of the partition key path's first segment.
+    key_root: Option<RawBsonRef<'a>>,
+    /// `fullDocumentBeforeChange`, where the key's path has a twin there.
+    pre_image_root: Option<RawBsonRef<'a>>,
+}
+
+impl<'a, 'k> Top<'a, 'k> {
+    fn new(key: &'k FieldPath) -> Self {
+        Self {
+            key,
+            id: None,
+            cluster_time: None,
+            operation: None,
+            document_key: None,
+            ns: None,
+            key_root: None,
+            pre_image_root: None,
+        }
+    }
+
+    fn see(&mut self, name: &str, value: RawBsonRef<'a>) {
+        let slot = match name {
+            "_id" => &mut self.id,
+            "clusterTime" => &mut self.cluster_time,
+            "operationType" => &mut self.operation,
+            "documentKey" => &mut self.document_key,
+            "ns" => &mut self.ns,
+            "fullDocumentBeforeChange" if self.key.in_full_document() => &mut self.pre_image_root,
+            _ => &mut None,
+        };
+        slot.get_or_insert(value);
+        if self.key.0.first().is_some_and(|first| first == name) {
+            self.key_root.get_or_insert(value);
+        }
+    }
+}
+
 impl EventRecord {
     /// Reads the event straight from its raw BSON (the hot path). An error means the event
     /// is malformed or holds invalid UTF-8: decode it leniently and use [`Self::from_document`].
@@ -198,27 +270,57 @@ impl EventRecord {
         key: &FieldPath,
         format: RecordFormat,
     ) -> bson::error::Result<Self> {
-        let token = match event.get("_id")? {
-            Some(t) => Some(Bson::try_from(RawBson::from(t))?),
-            None => None,
-        };
-        let partition_key = partition_key_raw(event, key)?;
-        let data = encode_raw(event, format)?;
-        let document_key = if data.len() + partition_key.len() > MAX_RECORD_BYTES {
-            match event.get("documentKey")? {
-                Some(k) => Some(Bson::try_from(RawBson::from(k))?),
-                None => None,
+        // One pass over the event's top level writes the record and finds the fields read
+        // below (each `RawDocument::get` would walk the elements again).
+        let mut top = Top::new(key);
+        let data = match format {
+            RecordFormat::Legacy => {
+                for element in event {
+                    let (name, value) = element?;
+                    top.see(name.as_str(), value);
+                }
+                encode_legacy(&Document::try_from(event)?)
             }
+            RecordFormat::Relaxed | RecordFormat::Canonical => {
+                let canonical = format == RecordFormat::Canonical;
+                let mut out = Vec::with_capacity(encoded_capacity(event));
+                let mut object = PyObject::begin(&mut out);
+                for element in event {
+                    let (name, value) = element?;
+                    top.see(name.as_str(), value);
+                    write_raw_value(object.key(name.as_str()), value, canonical)?;
+                }
+                object.end();
+                out
+            }
+        };
+        let mut value = key.descend(top.key_root)?;
+        if value.is_none() && key.in_full_document() {
+            let pre_image = key.descend(top.pre_image_root)?;
+            value = pre_image;
+        }
+        let partition_key = render_key_raw(value, || match top.ns {
+            Some(RawBsonRef::Document(ns)) => Some(ns),
+            _ => None,
+        })?;
+        let owned =
+            |v: Option<RawBsonRef<'_>>| v.map(|v| Bson::try_from(RawBson::from(v))).transpose();
+        let document_key = if data.len() + partition_key.len() > MAX_RECORD_BYTES {
+            owned(top.document_key)?
         } else {
             None
         };
         Ok(Self {
-            token,
-            cluster_time: event.get_timestamp("clusterTime").ok(),
-            operation: event
-                .get_str("operationType")
-                .unwrap_or("unknown")
-                .to_owned(),
+            token: owned(top.id)?,
+            cluster_time: match top.cluster_time {
+                Some(RawBsonRef::Timestamp(t)) => Some(t),
+                _ => None,
+            },
+            operation: match top.operation {
+                Some(RawBsonRef::String(op)) => op,
+                _ => "unknown",
+            }
+            .to_owned(),
             partition_key,
             data,
             document_key,
@@ -258,8 +360,7 @@ fn namespace(event: &Document) -> Option<String> {
     })
 }
 
-fn namespace_raw(event: &RawDocument) -> Option<String> {
-    let ns = event.get_document("ns").ok()?;
+fn namespace_raw(ns: &RawDocument) -> Option<String> {
     let db = ns.get_str("db").ok()?;
     Some(match ns.get_str("coll") {
         Ok(coll) => format!("{db}.{coll}"),
@@ -308,13 +409,19 @@ pub fn encode_owned(event: Document, format: RecordFormat) -> Vec<u8> {
 /// decoded path one value at a time. An error means the BSON is malformed or holds invalid
 /// UTF-8: the caller decodes the event leniently and uses [`encode_owned`].
 pub fn encode_raw(event: &RawDocument, format: RecordFormat) -> bson::error::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(event.as_bytes().len() + event.as_bytes().len() / 4);
+    let mut out = Vec::with_capacity(encoded_capacity(event));
     match format {
         RecordFormat::Legacy => return Ok(encode_legacy(&Document::try_from(event)?)),
         RecordFormat::Relaxed => write_raw_document(&mut out, event, false)?,
         RecordFormat::Canonical => write_raw_document(&mut out, event, true)?,
     }
     Ok(out)
+}
+
+/// Room for an event's JSON: the BSON's size and a quarter (escapes and layout), so that the
+/// usual record is written without growing its buffer.
+fn encoded_capacity(event: &RawDocument) -> usize {
+    event.as_bytes().len() + event.as_bytes().len() / 4
 }
 
 fn write_raw_document(
@@ -364,6 +471,26 @@ fn write_raw_value(
             inner.end();
             outer.end();
         }
+        // Every change event has one (`wallTime`): written here as bson's Extended JSON
+        // writes it, without building a `serde_json::Value` (the tests compare the two).
+        // After year 9999 bson writes a clamped text date: that stays with the path below.
+        RawBsonRef::DateTime(dt) if dt.timestamp_millis() <= MAX_RFC3339_MILLIS => {
+            let ms = dt.timestamp_millis();
+            let mut object = PyObject::begin(out);
+            let inner = object.key("$date");
+            match (!canonical && (0..=MAX_RFC3339_MILLIS).contains(&ms))
+                .then(|| dt.try_to_rfc3339_string().ok())
+                .flatten()
+            {
+                Some(text) => write_py_str(inner, &text),
+                None => {
+                    let mut long = PyObject::begin(inner);
+                    write_py_str(long.key("$numberLong"), itoa::Buffer::new().format(ms));
+                    long.end();
+                }
+            }
+            object.end();
+        }
         RawBsonRef::Int32(v) if !canonical => write_int(out, i64::from(v)),
         RawBsonRef::Int64(v) if !canonical => write_int(out, v),
         RawBsonRef::Double(v) if !canonical && v.is_finite() => write_py_float(out, v),
@@ -383,6 +510,9 @@ fn write_raw_value(
     }
     Ok(())
 }
+
+/// 9999-12-31T23:59:59.999Z: relaxed Extended JSON writes dates from 1970 to here as text.
+const MAX_RFC3339_MILLIS: i64 = 253_402_300_799_999;
 
 fn write_int(out: &mut Vec<u8>, v: i64) {
     out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
@@ -1143,6 +1273,9 @@ mod tests {
                 bson::DateTime::from_millis(0),
                 bson::DateTime::from_millis(-1),
                 bson::DateTime::from_millis(253_402_300_800_000),
+                bson::DateTime::from_millis(253_402_300_799_999),
+                bson::DateTime::from_millis(1_700_000_000_000),
+                bson::DateTime::from_millis(i64::MIN),
             ],
             "strings": strings,
             "numbers": numbers.clone(),
@@ -1177,6 +1310,78 @@ mod tests {
             let decoded = String::from_utf8(encode(&ev, format)).unwrap();
             let direct = String::from_utf8(encode_raw(&raw, format).unwrap()).unwrap();
             assert_eq!(direct, decoded, "{format:?}");
+        }
+    }
+
+    /// The one-pass raw reading gives the record the decoded event gives: token, time,
+    /// operation, partition key (found, in the pre-image, the namespace, hashed) and bytes.
+    #[test]
+    fn records_from_raw_equal_records_from_the_decoded_event() {
+        let oid = ObjectId::parse_str("65a1b2c3d4e5f60718293a4b").unwrap();
+        let ns = doc! {"db": "shop", "coll": "users"};
+        let big = "b".repeat(MAX_RECORD_BYTES);
+        let cases = [
+            (every_type(), "documentKey._id"),
+            (every_type(), "strings.latin"),
+            (every_type(), "numbers.i32"),
+            (every_type(), "numbers.half"),
+            (every_type(), "nested.deeper.oid"),
+            (every_type(), "wallTime"),
+            (
+                doc! {"_id": 1, "operationType": "update", "documentKey": {"_id": oid}},
+                "documentKey._id",
+            ),
+            (
+                doc! {"_id": 1, "documentKey": {"_id": "k".repeat(300)}},
+                "documentKey._id",
+            ),
+            (
+                doc! {"_id": 1, "documentKey": {"_id": ""}},
+                "documentKey._id",
+            ),
+            (
+                doc! {"_id": 1, "documentKey": {"_id": {"a": 1, "b": "x"}}},
+                "documentKey._id",
+            ),
+            (
+                doc! {"_id": 1, "documentKey": {"_id": 7_i64}, "fullDocument": {"big": &big}},
+                "documentKey._id",
+            ),
+            (
+                doc! {"_id": 1, "operationType": "delete", "ns": ns.clone(), "documentKey": {"_id": 7},
+                "fullDocumentBeforeChange": {"_id": 7, "email": "a@example.com"}},
+                "fullDocument.email",
+            ),
+            (
+                doc! {"_id": 1, "operationType": "delete", "ns": ns.clone(), "documentKey": {"_id": 7}},
+                "fullDocument.email",
+            ),
+            (
+                doc! {"_id": 1, "operationType": "drop", "ns": ns},
+                "documentKey._id",
+            ),
+            (
+                doc! {"_id": 1, "operationType": "dropDatabase", "ns": {"db": "shop"}},
+                "documentKey._id",
+            ),
+            (
+                doc! {"_id": 1, "ns": "not a document", "clusterTime": 5, "operationType": 3},
+                "documentKey._id",
+            ),
+            (doc! {"operationType": "insert", "_id": 2, "_id": 3}, "_id"),
+            (doc! {}, "documentKey._id"),
+        ];
+        for (event, key) in cases {
+            let raw = RawDocumentBuf::try_from(&event).unwrap();
+            for format in [
+                RecordFormat::Relaxed,
+                RecordFormat::Canonical,
+                RecordFormat::Legacy,
+            ] {
+                let direct = EventRecord::from_raw(&raw, &path(key), format).unwrap();
+                let decoded = EventRecord::from_document(event.clone(), &path(key), format);
+                assert_eq!(direct, decoded, "{key} {format:?}");
+            }
         }
     }
 
