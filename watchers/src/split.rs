@@ -19,6 +19,8 @@ use bson::{RawBsonRef, RawDocument, RawDocumentBuf};
 
 /// The field the stage adds to each fragment.
 const SPLIT_EVENT: &str = "splitEvent";
+/// [`SPLIT_EVENT`] as it is stored as a key: its bytes and the NUL that ends them.
+const SPLIT_EVENT_KEY: &[u8] = b"splitEvent\0";
 /// The resume token.
 const ID: &str = "_id";
 
@@ -174,6 +176,12 @@ impl Partial {
 
 /// `splitEvent`'s fragment number and count, when the document is a fragment.
 fn split_event(doc: &RawDocument) -> Result<Option<(u32, u32)>, BrokenSequence> {
+    // Nearly every event is whole: where the field's name (a key is followed by its NUL)
+    // appears nowhere in the bytes, no element is named so, and walking the top level to
+    // look is skipped (a tenth of the cost of turning the event into a record).
+    if memchr::memmem::find(doc.as_bytes(), SPLIT_EVENT_KEY).is_none() {
+        return Ok(None);
+    }
     let split = match doc.get(SPLIT_EVENT) {
         Ok(None) => return Ok(None),
         Ok(Some(RawBsonRef::Document(d))) => d,
