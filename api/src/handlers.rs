@@ -149,8 +149,8 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         .watchers()
         .iter()
         .filter_map(|w| {
-            let s = w.status();
-            match s.state {
+            let (state, reason) = w.state();
+            match state {
                 // A standby replica is ready: the watcher runs on its owner.
                 WatcherStateKind::Running
                 | WatcherStateKind::Paused
@@ -158,7 +158,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
                 other => Some(NotReady {
                     name: w.name().to_owned(),
                     state: other.into(),
-                    reason: s.reason,
+                    reason,
                 }),
             }
         })

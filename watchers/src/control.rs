@@ -9,7 +9,7 @@ use bson::{Bson, DateTime};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::spec::WatcherSpec;
-use crate::status::Status;
+use crate::status::{State, Status};
 
 /// Where a rewind sends a watcher.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,6 +95,17 @@ impl WatcherHandle {
 
     pub fn status(&self) -> Status {
         self.status.borrow().clone()
+    }
+
+    /// The state alone, and the reason only where the watcher is not running: what a
+    /// readiness probe reads, without copying the whole status of every watcher.
+    pub fn state(&self) -> (State, Option<String>) {
+        let status = self.status.borrow();
+        let reason = match status.state {
+            State::Running => None,
+            _ => status.reason.clone(),
+        };
+        (status.state, reason)
     }
 
     pub async fn pause(&self, timeout: Duration) -> Result<(), ControlError> {
