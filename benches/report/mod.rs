@@ -271,6 +271,22 @@ const FIGS: &[Fig] = &[
         0,
     ),
     fig(
+        "bare_open_ms",
+        6,
+        "bare: the same SecantusDB opening the same change streams from one Rust client (no watcher), all at once",
+        "ms",
+        None,
+        0,
+    ),
+    fig(
+        "ready_over_bare",
+        6,
+        "spawn -> ready / bare opens, same run",
+        "x",
+        None,
+        2,
+    ),
+    fig(
         "rss_mib",
         6,
         "VmRSS once ready",
@@ -1093,7 +1109,7 @@ async fn latency(e: Arc<Env>, s: Sizes) -> (Vec<(&'static str, f64)>, String) {
 
 /// Scenario 6: `n` watchers, each on its own collection, on a SecantusDB allowing enough
 /// connections: spawn until `/readyz` answers 200, and the RSS then.
-async fn many_watchers(n: usize) -> (f64, f64) {
+async fn many_watchers(n: usize) -> (f64, f64, f64) {
     let max = n + 200;
     let (mongo_port, _server) = start_listening_script(
         "benches/secantus_server.py",
@@ -1153,7 +1169,45 @@ async fn many_watchers(n: usize) -> (f64, f64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ready = started.elapsed();
-    (ready.as_secs_f64() * 1000.0, rss_mib(pid))
+    let rss = rss_mib(pid);
+    drop(w);
+    let bare = bare_stream_opens(mongo_port, n).await;
+    (
+        ready.as_secs_f64() * 1000.0,
+        rss,
+        bare.as_secs_f64() * 1000.0,
+    )
+}
+
+/// The floor under scenario 6's start: one `mongodb` client, with the pool the watcher sizes
+/// for `n` watchers, opening the `n` change streams of scenario 6 with the watcher's default
+/// options on the same SecantusDB at once, until every one is open (after the watcher has
+/// stopped and closed its own).
+async fn bare_stream_opens(mongo_port: u16, n: usize) -> Duration {
+    let uri = format!("mongodb://127.0.0.1:{mongo_port}/?directConnection=true");
+    let mut options = mongodb::options::ClientOptions::parse(&uri)
+        .await
+        .expect("parse the bare client's URI");
+    options.max_pool_size = Some(n as u32 + 8);
+    let client = mongodb::Client::with_options(options).expect("bare client");
+    let db = client.database("many");
+    let started = Instant::now();
+    let opens = (0..n).map(|i| {
+        let coll = db.collection::<Document>(&format!("c{i}"));
+        async move {
+            // As the watcher opens it by default: the current document looked up, events over
+            // 16 MiB split.
+            coll.watch()
+                .full_document(FullDocumentType::UpdateLookup)
+                .pipeline([doc! {"$changeStreamSplitLargeEvent": {}}])
+                .await
+                .expect("open a bare change stream")
+        }
+    });
+    let streams = futures_util::future::join_all(opens).await;
+    let took = started.elapsed();
+    drop(streams);
+    took
 }
 
 struct ThrottleA {
@@ -1611,9 +1665,11 @@ async fn one_run(s: &Sizes, run: usize) -> RunResult {
     }
     if s.wants(6) {
         match attempt("6 many watchers", many_watchers(s.watchers)).await {
-            Ok((ready, rss)) => {
+            Ok((ready, rss, bare)) => {
                 r.set("ready_ms", ready);
                 r.set("rss_mib", rss);
+                r.set("bare_open_ms", bare);
+                r.set("ready_over_bare", ready / bare);
             }
             Err(err) => {
                 r.errors.insert(6, err);
