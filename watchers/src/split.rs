@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::LazyLock;
 
 use bson::{RawBsonRef, RawDocument, RawDocumentBuf};
 
@@ -176,10 +177,13 @@ impl Partial {
 
 /// `splitEvent`'s fragment number and count, when the document is a fragment.
 fn split_event(doc: &RawDocument) -> Result<Option<(u32, u32)>, BrokenSequence> {
-    // Nearly every event is whole: where the field's name (a key is followed by its NUL)
+    // Nearly every event is whole (MongoDB marks only the fragments of a split one; SecantusDB
+    // marks every event "1 of 1"): where the field's name (a key is followed by its NUL)
     // appears nowhere in the bytes, no element is named so, and walking the top level to
     // look is skipped (a tenth of the cost of turning the event into a record).
-    if memchr::memmem::find(doc.as_bytes(), SPLIT_EVENT_KEY).is_none() {
+    static FINDER: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(SPLIT_EVENT_KEY));
+    if FINDER.find(doc.as_bytes()).is_none() {
         return Ok(None);
     }
     let split = match doc.get(SPLIT_EVENT) {
