@@ -95,8 +95,17 @@ fn start_watcher(dir: &Path, config: &str, aws_endpoint: &str) -> Watcher {
     )
 }
 
+/// `GET /metrics` requests the bench has made, so that the watcher's CPU figure can take out
+/// what answering them cost.
+static SCRAPES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn scrapes() -> u64 {
+    SCRAPES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Sum of the samples of `name` for `watcher` in `GET /metrics` (0 when absent).
 fn metric(port: u16, name: &str, watcher: &str) -> f64 {
+    SCRAPES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let r = request(port, "GET", "/metrics", None, "");
     assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
     let label = format!("watcher=\"{watcher}\"");

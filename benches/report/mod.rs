@@ -227,6 +227,22 @@ const FIGS: &[Fig] = &[
         Some((Cmp::Lt, 15.0)),
         1,
     ),
+    fig(
+        "cpu_us_net",
+        4,
+        "the same without answering the bench's `/metrics` polls (their CPU measured on the idle watcher right after)",
+        "µs",
+        None,
+        1,
+    ),
+    fig(
+        "scrape_us",
+        4,
+        "CPU of one `GET /metrics` answer, idle watcher",
+        "µs",
+        None,
+        0,
+    ),
     fig("lat_rate", 5, "writer's achieved rate", "events/s", None, 0),
     fig("lat_p50", 5, "commit -> Kinesis latency p50", "ms", None, 0),
     fig("lat_p99", 5, "commit -> Kinesis latency p99", "ms", None, 0),
@@ -908,10 +924,12 @@ async fn backlog_scenarios(e: Arc<Env>, s: Sizes, r: &mut RunResult) {
         let before = Calls::read(port, "e2e");
         let ddb_before = metric(port, "mongo_watcher_checkpoint_writes_total", "e2e");
         let cpu_before = cpu_seconds(pid);
+        let scrapes_before = super::scrapes();
         let started = Instant::now();
         resume(port, "e2e");
         let done = wait_delivered(&e2, &mut tail, n, port, "e2e", before.acked, WAIT).await;
         let cpu = cpu_seconds(pid) - cpu_before;
+        let polls = super::scrapes() - scrapes_before;
         let secs = (done - started).as_secs_f64();
         let calls = Calls::read(port, "e2e").since(before);
         let ddb = metric(port, "mongo_watcher_checkpoint_writes_total", "e2e") - ddb_before;
@@ -921,18 +939,35 @@ async fn backlog_scenarios(e: Arc<Env>, s: Sizes, r: &mut RunResult) {
             .filter_map(|j| j["documentKey"]["_id"].as_i64())
             .collect();
         assert_eq!(ids.len(), n, "every backlog document arrived once");
-        (n as f64 / secs, cpu, calls, ddb)
+        // What one poll cost the watcher: the same requests, idle, right after.
+        const PROBES: u32 = 1000;
+        let probe_before = cpu_seconds(pid);
+        for _ in 0..PROBES {
+            metric(port, "mongo_watcher_records_put_total", "e2e");
+        }
+        let scrape = (cpu_seconds(pid) - probe_before) / f64::from(PROBES);
+        (n as f64 / secs, cpu, calls, ddb, polls, scrape)
     })
     .await;
     let mut e2e_rate = None;
     match drained {
-        Ok((rate, cpu, calls, ddb)) => {
+        Ok((rate, cpu, calls, ddb, polls, scrape)) => {
             r.set("e2e", rate);
             e2e_rate = Some(rate);
             if let Some(c) = ceiling {
                 r.set("share", rate / c);
             }
             r.set("cpu_us", cpu * 1e6 / n as f64);
+            r.set("scrape_us", scrape * 1e6);
+            r.set(
+                "cpu_us_net",
+                (cpu - polls as f64 * scrape).max(0.0) * 1e6 / n as f64,
+            );
+            r.notes.push(format!(
+                "the drain's CPU includes {polls} `GET /metrics` polls of the bench, {:.0} µs \
+                 each on the idle watcher",
+                scrape * 1e6
+            ));
             r.set("ddb_per_10k", ddb * 10_000.0 / n as f64);
             r.set("calls_per_10k", calls.calls * 10_000.0 / n as f64);
             r.notes.push(format!(
