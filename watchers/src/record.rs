@@ -391,7 +391,7 @@ pub fn encode(event: &Document, format: RecordFormat) -> Vec<u8> {
 /// the document, so taking it saves a deep copy of every event on the hot path.
 pub fn encode_owned(event: Document, format: RecordFormat) -> Vec<u8> {
     let value = match format {
-        RecordFormat::Relaxed => Bson::Document(event).into_relaxed_extjson(),
+        RecordFormat::Relaxed => unclamped_dates(Bson::Document(event)).into_relaxed_extjson(),
         RecordFormat::Canonical => Bson::Document(event).into_canonical_extjson(),
         RecordFormat::Legacy => return encode_legacy(&event),
     };
@@ -400,6 +400,35 @@ pub fn encode_owned(event: Document, format: RecordFormat) -> Vec<u8> {
     // Serializing a serde_json::Value into a Vec cannot fail.
     let _ = value.serialize(&mut ser);
     out
+}
+
+/// Relaxed Extended JSON writes a date from 1970 to year 9999 as text and any other in its
+/// canonical form (`{"$date": {"$numberLong": "<ms>"}}`). bson 3.1 writes a date after 9999
+/// as the text of the latest date it can format (`9999-12-31T23:59:59.999999999Z`), which
+/// loses the value: such dates are replaced by their canonical form before it sees them.
+fn unclamped_dates(value: Bson) -> Bson {
+    match value {
+        Bson::DateTime(dt) if dt.timestamp_millis() > MAX_RFC3339_MILLIS => {
+            Bson::Document(bson::doc! {
+                "$date": {"$numberLong": dt.timestamp_millis().to_string()}
+            })
+        }
+        Bson::Document(doc) => Bson::Document(unclamped_document(doc)),
+        Bson::Array(items) => Bson::Array(items.into_iter().map(unclamped_dates).collect()),
+        Bson::JavaScriptCodeWithScope(bson::JavaScriptCodeWithScope { code, scope }) => {
+            Bson::JavaScriptCodeWithScope(bson::JavaScriptCodeWithScope {
+                code,
+                scope: unclamped_document(scope),
+            })
+        }
+        other => other,
+    }
+}
+
+fn unclamped_document(doc: Document) -> Document {
+    doc.into_iter()
+        .map(|(k, v)| (k, unclamped_dates(v)))
+        .collect()
 }
 
 /// [`encode`] straight from an event's raw BSON, without building a `Document` or a
@@ -471,10 +500,9 @@ fn write_raw_value(
             inner.end();
             outer.end();
         }
-        // Every change event has one (`wallTime`): written here as bson's Extended JSON
-        // writes it, without building a `serde_json::Value` (the tests compare the two).
-        // After year 9999 bson writes a clamped text date: that stays with the path below.
-        RawBsonRef::DateTime(dt) if dt.timestamp_millis() <= MAX_RFC3339_MILLIS => {
+        // Every change event has one (`wallTime`): written here without building a
+        // `serde_json::Value` (the tests compare this with the decoded path).
+        RawBsonRef::DateTime(dt) => {
             let ms = dt.timestamp_millis();
             let mut object = PyObject::begin(out);
             let inner = object.key("$date");
@@ -1310,6 +1338,15 @@ mod tests {
             let decoded = String::from_utf8(encode(&ev, format)).unwrap();
             let direct = String::from_utf8(encode_raw(&raw, format).unwrap()).unwrap();
             assert_eq!(direct, decoded, "{format:?}");
+            if format == RecordFormat::Relaxed {
+                // The first date after 9999 keeps its value (bson alone clamps it).
+                assert!(
+                    direct.contains(r#"{"$date": {"$numberLong": "253402300800000"}}"#)
+                        && !direct.contains("9999-12-31T23:59:59.999999999Z"),
+                    "{direct}"
+                );
+                assert!(direct.contains(r#"{"$date": "9999-12-31T23:59:59.999Z"}"#));
+            }
         }
     }
 
