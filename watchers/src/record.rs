@@ -74,17 +74,6 @@ impl FieldPath {
         Some(value)
     }
 
-    /// [`Self::lookup`] in a raw document.
-    pub fn lookup_raw<'a>(
-        &self,
-        doc: &'a RawDocument,
-    ) -> bson::error::Result<Option<RawBsonRef<'a>>> {
-        let Some(first) = self.0.first() else {
-            return Ok(None);
-        };
-        self.descend(doc.get(first)?)
-    }
-
     /// The rest of the path below `root`, the value of its first segment.
     fn descend<'a>(
         &self,
@@ -162,22 +151,17 @@ pub fn partition_key(event: &Document, path: &FieldPath) -> String {
     bounded_key(rendered)
 }
 
-/// [`partition_key`] read from the raw event.
+/// [`partition_key`] read from the raw event (as [`EventRecord::from_raw`] reads it).
 pub fn partition_key_raw(event: &RawDocument, path: &FieldPath) -> bson::error::Result<String> {
-    let value = match path.lookup_raw(event)? {
-        Some(v) => Some(v),
-        None => match path.pre_image() {
-            Some(p) => p.lookup_raw(event)?,
-            None => None,
-        },
-    };
-    render_key_raw(value, || event.get_document("ns").ok())
+    let mut top = Top::new(path);
+    top.scan(event)?;
+    top.partition_key()
 }
 
 /// A partition key from the value found at the key's path, or else the namespace.
-fn render_key_raw<'a>(
-    value: Option<RawBsonRef<'a>>,
-    ns: impl FnOnce() -> Option<&'a RawDocument>,
+fn render_key_raw(
+    value: Option<RawBsonRef<'_>>,
+    ns: Option<&RawDocument>,
 ) -> bson::error::Result<String> {
     let rendered = match value {
         Some(RawBsonRef::ObjectId(oid)) => oid.to_hex(),
@@ -186,7 +170,7 @@ fn render_key_raw<'a>(
         Some(RawBsonRef::Int32(n)) => itoa::Buffer::new().format(n).to_owned(),
         Some(RawBsonRef::Int64(n)) => itoa::Buffer::new().format(n).to_owned(),
         Some(other) => to_text(&Bson::try_from(RawBson::from(other))?),
-        None => ns()
+        None => ns
             .and_then(namespace_raw)
             .unwrap_or_else(|| "(no-key)".to_owned()),
     };
@@ -260,6 +244,29 @@ impl<'a, 'k> Top<'a, 'k> {
             self.key_root.get_or_insert(value);
         }
     }
+
+    /// Notes the fields of `event` without writing anything.
+    fn scan(&mut self, event: &'a RawDocument) -> bson::error::Result<()> {
+        for element in event {
+            let (name, value) = element?;
+            self.see(name.as_str(), value);
+        }
+        Ok(())
+    }
+
+    /// The value at the key's path, in the pre-image where the event has none and the path
+    /// has a twin there, rendered; else the namespace.
+    fn partition_key(&self) -> bson::error::Result<String> {
+        let mut value = self.key.descend(self.key_root)?;
+        if value.is_none() && self.key.in_full_document() {
+            value = self.key.descend(self.pre_image_root)?;
+        }
+        let ns = match self.ns {
+            Some(RawBsonRef::Document(ns)) => Some(ns),
+            _ => None,
+        };
+        render_key_raw(value, ns)
+    }
 }
 
 impl EventRecord {
@@ -275,34 +282,19 @@ impl EventRecord {
         let mut top = Top::new(key);
         let data = match format {
             RecordFormat::Legacy => {
-                for element in event {
-                    let (name, value) = element?;
-                    top.see(name.as_str(), value);
-                }
+                top.scan(event)?;
                 encode_legacy(&Document::try_from(event)?)
             }
             RecordFormat::Relaxed | RecordFormat::Canonical => {
                 let canonical = format == RecordFormat::Canonical;
                 let mut out = Vec::with_capacity(encoded_capacity(event));
-                let mut object = PyObject::begin(&mut out);
-                for element in event {
-                    let (name, value) = element?;
-                    top.see(name.as_str(), value);
-                    write_raw_value(object.key(name.as_str()), value, canonical)?;
-                }
-                object.end();
+                write_raw_fields(&mut out, event, canonical, |name, value| {
+                    top.see(name, value)
+                })?;
                 out
             }
         };
-        let mut value = key.descend(top.key_root)?;
-        if value.is_none() && key.in_full_document() {
-            let pre_image = key.descend(top.pre_image_root)?;
-            value = pre_image;
-        }
-        let partition_key = render_key_raw(value, || match top.ns {
-            Some(RawBsonRef::Document(ns)) => Some(ns),
-            _ => None,
-        })?;
+        let partition_key = top.partition_key()?;
         let owned =
             |v: Option<RawBsonRef<'_>>| v.map(|v| Bson::try_from(RawBson::from(v))).transpose();
         let document_key = if data.len() + partition_key.len() > MAX_RECORD_BYTES {
@@ -458,9 +450,20 @@ fn write_raw_document(
     doc: &RawDocument,
     canonical: bool,
 ) -> bson::error::Result<()> {
+    write_raw_fields(out, doc, canonical, |_, _| {})
+}
+
+/// [`write_raw_document`], showing each top-level element to `see` as it is written.
+fn write_raw_fields<'a>(
+    out: &mut Vec<u8>,
+    doc: &'a RawDocument,
+    canonical: bool,
+    mut see: impl FnMut(&str, RawBsonRef<'a>),
+) -> bson::error::Result<()> {
     let mut object = PyObject::begin(out);
     for element in doc {
         let (key, value) = element?;
+        see(key.as_str(), value);
         write_raw_value(object.key(key.as_str()), value, canonical)?;
     }
     object.end();
