@@ -2,8 +2,7 @@
 
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_kinesis::operation::put_records::PutRecordsOutput;
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use aws_smithy_types::body::SdkBody;
 
 use crate::batch::PendingRecord;
 
@@ -71,29 +70,94 @@ impl KinesisSink {
     }
 
     /// Sends `records` in one call. On success, returns one result per record, in order.
+    ///
+    /// The body is written here, straight from the pending records ([`put_records_body`]),
+    /// and given to the SDK before it signs the request: the SDK's own serializer would need
+    /// each record's data copied into a `Blob` and its key into a `String` per call, then
+    /// base64 into a `String` per record. The SDK still resolves the endpoint (from the
+    /// stream name, as the input carries it), signs, sends, retries and reads the answer.
     pub async fn put(&self, records: &[PendingRecord]) -> Result<Vec<RecordResult>, CallError> {
-        let mut entries = Vec::with_capacity(records.len());
-        for r in records {
-            let entry = PutRecordsRequestEntry::builder()
-                .data(Blob::new(r.data.clone()))
-                .partition_key(r.partition_key.clone())
-                .build()
-                .map_err(|e| CallError {
-                    code: "build".into(),
-                    message: e.to_string(),
-                })?;
-            entries.push(entry);
-        }
+        let body = bytes::Bytes::from(put_records_body(&self.stream, records));
         let call = self
             .client
             .put_records()
             .stream_name(&self.stream)
-            .set_records(Some(entries));
+            .set_records(Some(Vec::new()))
+            .customize()
+            .mutate_request(move |request| {
+                let length = body.len();
+                *request.body_mut() = SdkBody::from(body.clone());
+                request
+                    .headers_mut()
+                    .insert("content-length", length.to_string());
+            });
         match call.send().await {
             Ok(output) => Ok(record_results(&output, records.len())),
             Err(err) => Err(classify(&self.stream, err)),
         }
     }
+}
+
+/// The JSON body of a PutRecords call of `records` to `stream`, as the SDK's serializer
+/// writes it (`Data` base64 with padding, strings JSON-escaped), in one buffer.
+pub fn put_records_body(stream: &str, records: &[PendingRecord]) -> Vec<u8> {
+    let size: usize = records
+        .iter()
+        .map(|r| 36 + r.data.len().div_ceil(3) * 4 + r.partition_key.len() + 8)
+        .sum();
+    let mut out = Vec::with_capacity(40 + stream.len() + size);
+    out.extend_from_slice(b"{\"StreamName\":");
+    write_json_str(&mut out, stream);
+    out.extend_from_slice(b",\"Records\":[");
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"Data\":\"");
+        base64_simd::STANDARD.encode_append(&r.data, &mut out);
+        out.extend_from_slice(b"\",\"PartitionKey\":");
+        write_json_str(&mut out, &r.partition_key);
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// `s` as a JSON string (RFC 8259 escapes; everything else as it is, UTF-8).
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run..i]);
+        if escape.is_empty() {
+            out.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        run = i + 1;
+    }
+    out.extend_from_slice(&bytes[run..]);
+    out.push(b'"');
 }
 
 fn classify<E, R>(stream: &str, err: aws_sdk_kinesis::error::SdkError<E, R>) -> CallError
@@ -168,6 +232,177 @@ mod tests {
             .error_code(code)
             .error_message("slow down")
             .build()
+    }
+
+    fn client(endpoint: &str) -> aws_sdk_kinesis::Client {
+        let config = aws_sdk_kinesis::Config::builder()
+            .behavior_version(aws_sdk_kinesis::config::BehaviorVersion::latest())
+            .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+                "AKID", "secret", None, None, "test",
+            ))
+            .endpoint_url(endpoint)
+            .build();
+        aws_sdk_kinesis::Client::from_conf(config)
+    }
+
+    /// Keys and data that need escaping or padding: quotes, backslashes, control characters,
+    /// non-ASCII, empty and binary data of every length modulo 3.
+    fn awkward_records() -> Vec<PendingRecord> {
+        let keys = [
+            "plain",
+            "quote \" and \\ back",
+            "tab\t nl\n cr\r bs\u{8} ff\u{c} nul\u{0} us\u{1f} del\u{7f}",
+            "é ü 日本 🦀",
+            "{\"$oid\": \"65f0c0ffee\"}",
+        ];
+        let mut records = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            for len in [0usize, 1, 2, 3, 1024] {
+                let data: Vec<u8> = (0..len).map(|b| (b * 37 + i) as u8).collect();
+                records.push(PendingRecord::new(
+                    records.len() as u64,
+                    (*key).into(),
+                    data,
+                ));
+            }
+        }
+        records
+    }
+
+    /// What the SDK's own serializer writes for `records`, caught before it is sent (to a
+    /// port nothing listens on).
+    async fn sdk_body(records: &[PendingRecord]) -> serde_json::Value {
+        let caught = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = caught.clone();
+        let entries = records
+            .iter()
+            .map(|r| {
+                aws_sdk_kinesis::types::PutRecordsRequestEntry::builder()
+                    .data(aws_sdk_kinesis::primitives::Blob::new(r.data.clone()))
+                    .partition_key(r.partition_key.clone())
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let closed = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let _ = client(&closed)
+            .put_records()
+            .stream_name("orders \"eu\"")
+            .set_records(Some(entries))
+            .customize()
+            .mutate_request(move |request| {
+                let bytes = request.body().bytes().unwrap().to_vec();
+                *sink.lock().unwrap() = bytes;
+            })
+            .send()
+            .await;
+        let bytes = caught.lock().unwrap().clone();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn the_body_is_the_sdks_own() {
+        let records = awkward_records();
+        let ours: serde_json::Value =
+            serde_json::from_slice(&put_records_body("orders \"eu\"", &records)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let sdk = rt.block_on(sdk_body(&records));
+        assert_eq!(sdk["Records"].as_array().unwrap().len(), records.len());
+        assert_eq!(ours, sdk);
+    }
+
+    /// The whole call, against a one-shot HTTP server: the body the server reads (its
+    /// `content-length` included) is the SDK's, and the answer maps back record by record.
+    #[tokio::test]
+    async fn a_call_sends_the_body_and_reads_the_answer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let records = awkward_records();
+        let expected = sdk_body(&records).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let n = records.len();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 65536];
+            let head_end = loop {
+                let read = socket.read(&mut buf).await.unwrap();
+                assert!(read > 0, "connection closed before the headers ended");
+                request.extend_from_slice(&buf[..read]);
+                if let Some(at) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break at + 4;
+                }
+            };
+            let head = String::from_utf8(request[..head_end].to_vec()).unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().unwrap())
+                })
+                .expect("a content-length header");
+            while request.len() < head_end + length {
+                let read = socket.read(&mut buf).await.unwrap();
+                assert!(read > 0, "connection closed inside the body");
+                request.extend_from_slice(&buf[..read]);
+            }
+            assert_eq!(
+                request.len(),
+                head_end + length,
+                "body longer than its length"
+            );
+            let entries: Vec<String> = (0..n)
+                .map(|i| match i {
+                    1 => r#"{"ErrorCode":"ProvisionedThroughputExceededException","ErrorMessage":"slow down"}"#.to_owned(),
+                    _ => format!(r#"{{"SequenceNumber":"{i}","ShardId":"shardId-000000000000"}}"#),
+                })
+                .collect();
+            let answer = format!(
+                r#"{{"FailedRecordCount":1,"Records":[{}]}}"#,
+                entries.join(",")
+            );
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/x-amz-json-1.1\r\ncontent-length: {}\r\n\r\n{answer}",
+                answer.len()
+            );
+            socket.write_all(response.as_bytes()).await.unwrap();
+            (head, request[head_end..].to_vec())
+        });
+        let sink = KinesisSink::new(client(&endpoint), "orders \"eu\"");
+        let within = std::time::Duration::from_secs(20);
+        let results = tokio::time::timeout(within, sink.put(&records))
+            .await
+            .expect("the call never ended (a body shorter than its content-length?)")
+            .unwrap();
+        let (head, body) = tokio::time::timeout(within, server)
+            .await
+            .expect("the server never read the whole body")
+            .unwrap();
+        assert!(head.starts_with("POST / "), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("x-amz-target: kinesis_20131202.putrecords"),
+            "{head}"
+        );
+        assert!(head.contains("Signature="), "unsigned: {head}");
+        let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(sent, expected);
+        assert_eq!(results.len(), n);
+        assert!(
+            matches!(&results[1], RecordResult::Rejected { error_code, .. }
+            if error_code == "ProvisionedThroughputExceededException")
+        );
+        assert!(results
+            .iter()
+            .enumerate()
+            .all(|(i, r)| i == 1 || *r == RecordResult::Accepted));
     }
 
     #[test]
