@@ -10,7 +10,8 @@
 //! A record sent again waits its own delay first (`retry` names the instant it may go): until
 //! then its key is *delayed*, neither ready nor in flight, and every other key keeps moving.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use tokio::time::Instant;
 
@@ -71,11 +72,15 @@ struct KeyQueue {
 /// Records read but not yet acknowledged, grouped by partition key.
 #[derive(Debug, Default)]
 pub struct Scheduler {
-    keys: HashMap<String, KeyQueue>,
+    /// Each key is held once, shared with `ready` and `delayed` (a key is cloned into the
+    /// scheduler once per run of its records, not twice per record). foldhash (hashbrown's
+    /// default, seeded per process) rather than SipHash: a map of every key in flight is
+    /// hashed several times per record.
+    keys: hashbrown::HashMap<Arc<str>, KeyQueue>,
     /// Head records whose key has nothing in flight, by read order.
-    ready: BTreeMap<u64, String>,
+    ready: BTreeMap<u64, Arc<str>>,
     /// Keys whose head waits for its retry delay, by the instant it ends.
-    delayed: BTreeMap<(Instant, u64), String>,
+    delayed: BTreeMap<(Instant, u64), Arc<str>>,
     ready_bytes: usize,
     queued: usize,
     queued_bytes: usize,
@@ -124,7 +129,7 @@ impl Scheduler {
                 break;
             }
             let ((_, seq), key) = entry.remove_entry();
-            if let Some(state) = self.keys.get_mut(&key) {
+            if let Some(state) = self.keys.get_mut(&*key) {
                 state.not_before = None;
                 if let Some(head) = state.queue.front() {
                     self.ready_bytes += head.size();
@@ -148,10 +153,19 @@ impl Scheduler {
     pub fn push(&mut self, record: PendingRecord) {
         self.queued += 1;
         self.queued_bytes += record.size();
-        let entry = self.keys.entry(record.partition_key.clone()).or_default();
+        let (key, entry) = self
+            .keys
+            .raw_entry_mut()
+            .from_key(record.partition_key.as_str())
+            .or_insert_with(|| {
+                (
+                    Arc::from(record.partition_key.as_str()),
+                    KeyQueue::default(),
+                )
+            });
         if entry.queue.is_empty() && !entry.in_flight {
             self.ready_bytes += record.size();
-            self.ready.insert(record.seq, record.partition_key.clone());
+            self.ready.insert(record.seq, key.clone());
         }
         entry.queue.push_back(record);
     }
@@ -179,7 +193,7 @@ impl Scheduler {
             let Some((&seq, key)) = self.ready.iter().next() else {
                 break;
             };
-            let Some(state) = self.keys.get_mut(key) else {
+            let Some(state) = self.keys.get_mut(&**key) else {
                 break;
             };
             let Some(size) = state.queue.front().map(PendingRecord::size) else {
@@ -220,9 +234,14 @@ impl Scheduler {
     /// ready again at `not_before` (at once when that is not in the future).
     pub fn retry(&mut self, mut record: PendingRecord, not_before: Option<Instant>) {
         record.attempts += 1;
-        let key = record.partition_key.clone();
         let (events, size) = (record.events(), record.size());
-        let state = self.keys.entry(key.clone()).or_default();
+        let key = record.partition_key.clone();
+        let state = self
+            .keys
+            .raw_entry_mut()
+            .from_key(key.as_str())
+            .or_insert_with(|| (Arc::from(key.as_str()), KeyQueue::default()))
+            .1;
         state.queue.push_front(record);
         state.not_before = not_before;
         self.queued += events;
@@ -233,18 +252,18 @@ impl Scheduler {
     fn release(&mut self, key: &str, events: usize, size: usize) {
         self.in_flight = self.in_flight.saturating_sub(events);
         self.in_flight_bytes = self.in_flight_bytes.saturating_sub(size);
-        let Some(state) = self.keys.get_mut(key) else {
+        let Some((shared, state)) = self.keys.get_key_value_mut(key) else {
             return;
         };
         state.in_flight = false;
         match state.queue.front() {
             Some(head) => match state.not_before {
                 Some(at) => {
-                    self.delayed.insert((at, head.seq), key.to_owned());
+                    self.delayed.insert((at, head.seq), shared.clone());
                 }
                 None => {
                     self.ready_bytes += head.size();
-                    self.ready.insert(head.seq, key.to_owned());
+                    self.ready.insert(head.seq, shared.clone());
                 }
             },
             None => {
