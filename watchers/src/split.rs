@@ -76,7 +76,12 @@ impl Reassembly {
     /// `doc` completes one (an event that was not split completes itself), `None` while
     /// fragments are still to come.
     pub fn push(&mut self, doc: RawDocumentBuf) -> Result<Option<Whole>, BrokenSequence> {
-        let Some((fragment, of)) = split_event(&doc)? else {
+        let Some(Mark {
+            fragment,
+            of,
+            range: mark,
+        }) = split_event(&doc)?
+        else {
             return match &self.partial {
                 Some(p) => Err(broken(format!(
                     "fragment {} of {} expected, an event that was not split arrived",
@@ -98,7 +103,7 @@ impl Reassembly {
             if of == 1 {
                 // Some servers mark every event; one fragment is the event as it is.
                 return Ok(Some(Whole {
-                    event: without_split_event(doc)?,
+                    event: without(doc, mark)?,
                     fragments: 1,
                 }));
             }
@@ -176,7 +181,7 @@ impl Partial {
 }
 
 /// `splitEvent`'s fragment number and count, when the document is a fragment.
-fn split_event(doc: &RawDocument) -> Result<Option<(u32, u32)>, BrokenSequence> {
+fn split_event(doc: &RawDocument) -> Result<Option<Mark>, BrokenSequence> {
     // Nearly every event is whole (MongoDB marks only the fragments of a split one; SecantusDB
     // marks every event "1 of 1"): where the field's name (a key is followed by its NUL)
     // appears nowhere in the bytes, no element is named so, and walking the top level to
@@ -186,16 +191,33 @@ fn split_event(doc: &RawDocument) -> Result<Option<(u32, u32)>, BrokenSequence> 
     if FINDER.find(doc.as_bytes()).is_none() {
         return Ok(None);
     }
-    let split = match doc.get(SPLIT_EVENT) {
-        Ok(None) => return Ok(None),
-        Ok(Some(RawBsonRef::Document(d))) => d,
-        Ok(Some(other)) => {
+    // One walk finds the element and where it lies (to take it out of a 1-of-1 event).
+    let mut at = 4;
+    let mut found = None;
+    for element in doc.iter_elements() {
+        let element = element.map_err(|e| broken(format!("`splitEvent` is unreadable: {e}")))?;
+        let key = element.key().as_str();
+        let len = 1 + key.len() + 1 + element.size();
+        if key == SPLIT_EVENT {
+            let value = element
+                .value()
+                .map_err(|e| broken(format!("`splitEvent` is unreadable: {e}")))?;
+            found = Some((value, at..at + len));
+            break;
+        }
+        at += len;
+    }
+    let Some((value, range)) = found else {
+        return Ok(None);
+    };
+    let split = match value {
+        RawBsonRef::Document(d) => d,
+        other => {
             return Err(broken(format!(
                 "`splitEvent` is a {:?}, not a document",
                 other.element_type()
             )))
         }
-        Err(e) => return Err(broken(format!("`splitEvent` is unreadable: {e}"))),
     };
     let number = |name: &str| -> Result<u32, BrokenSequence> {
         let n = match split.get(name) {
@@ -213,7 +235,18 @@ fn split_event(doc: &RawDocument) -> Result<Option<(u32, u32)>, BrokenSequence> 
     if fragment > of {
         return Err(broken(format!("fragment {fragment} of {of}")));
     }
-    Ok(Some((fragment, of)))
+    Ok(Some(Mark {
+        fragment,
+        of,
+        range,
+    }))
+}
+
+/// A `splitEvent` element: which fragment of how many, and its bytes in the document.
+struct Mark {
+    fragment: u32,
+    of: u32,
+    range: Range<usize>,
 }
 
 /// Each top-level element's key and the byte range of the whole element (type byte, key,
@@ -241,15 +274,8 @@ fn element<'a>(doc: &'a RawDocument, key: &str) -> Result<Option<&'a [u8]>, Brok
         .map(|(_, range)| &doc.as_bytes()[range]))
 }
 
-/// The document without its `splitEvent` element, edited in place.
-fn without_split_event(doc: RawDocumentBuf) -> Result<RawDocumentBuf, BrokenSequence> {
-    let Some(range) = elements(&doc)?
-        .into_iter()
-        .find(|(k, _)| *k == SPLIT_EVENT)
-        .map(|(_, r)| r)
-    else {
-        return Ok(doc);
-    };
+/// The document without the element at `range` (its `splitEvent`), edited in place.
+fn without(doc: RawDocumentBuf, range: Range<usize>) -> Result<RawDocumentBuf, BrokenSequence> {
     let mut bytes = doc.into_bytes();
     bytes.drain(range);
     finish(bytes)
