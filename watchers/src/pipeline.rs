@@ -2,7 +2,9 @@
 //! checkpoint the ack frontier, and stop at a safe point. The supervisor calls [`run`] again
 //! after a retryable error; everything a life needs is rebuilt from the checkpoint.
 
-use std::collections::{HashMap, HashSet};
+// foldhash (hashbrown's default) rather than SipHash: the reservations, the per-operation
+// counters and a copy's seqs are looked up for every event.
+use hashbrown::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
