@@ -10,13 +10,83 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bson::{Bson, Timestamp};
+use bson::{Bson, RawBson, RawBsonRef, RawDocument, Timestamp};
+
+/// A resume token, opaque, as the server sent it.
+///
+/// An event's token is held as the raw BSON it arrived in: one buffer to build, clone and
+/// free, where a `Bson::Document` is a map, a key and a string (~10x the cost per event, see
+/// `examples/record_cost.rs`). It is decoded only where it is stored or shown
+/// ([`Token::to_bson`]), a few times a second at most. Tokens from elsewhere (a stored
+/// checkpoint, a post-batch token, a rewind) are already decoded and stay so.
+#[derive(Debug, Clone)]
+pub enum Token {
+    /// Read from an event; [`Token::from_raw`] has checked that it decodes.
+    Raw(RawBson),
+    Decoded(Bson),
+}
+
+impl Token {
+    /// The token at `value` (an event's `_id`), checked to decode (every element of every
+    /// nested document read, as decoding reads them), without decoding it.
+    pub fn from_raw(value: RawBsonRef<'_>) -> Result<Self, bson::error::Error> {
+        check(value)?;
+        Ok(Self::Raw(RawBson::from(value)))
+    }
+
+    /// The token decoded.
+    pub fn to_bson(&self) -> Bson {
+        match self {
+            Self::Decoded(b) => b.clone(),
+            // `from_raw` read every element that decoding reads, so this cannot fail; were it
+            // to, the token would be unusable either way and the server says so on resume.
+            Self::Raw(raw) => Bson::try_from(raw.clone()).unwrap_or(Bson::Null),
+        }
+    }
+}
+
+/// Reads every element of `value`'s documents and arrays, as `Bson::try_from` does.
+fn check(value: RawBsonRef<'_>) -> Result<(), bson::error::Error> {
+    let document = |d: &RawDocument| -> Result<(), bson::error::Error> {
+        for element in d {
+            check(element?.1)?;
+        }
+        Ok(())
+    };
+    match value {
+        RawBsonRef::Document(d) => document(d),
+        RawBsonRef::Array(a) => {
+            for item in a {
+                check(item?)?;
+            }
+            Ok(())
+        }
+        RawBsonRef::JavaScriptCodeWithScope(c) => document(c.scope),
+        _ => Ok(()),
+    }
+}
+
+impl From<Bson> for Token {
+    fn from(token: Bson) -> Self {
+        Self::Decoded(token)
+    }
+}
+
+impl PartialEq for Token {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Raw(a), Self::Raw(b)) => a == b,
+            (Self::Decoded(a), Self::Decoded(b)) => a == b,
+            _ => self.to_bson() == other.to_bson(),
+        }
+    }
+}
 
 /// Where a change stream can be reopened.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Position {
     /// The resume token, opaque, as the server sent it.
-    pub token: Bson,
+    pub token: Token,
     /// Cluster time of the event, when known (idle markers have none).
     pub cluster_time: Option<Timestamp>,
     /// While a copy runs: its progress as of this entry (per range, the last `_id` read up
@@ -69,7 +139,7 @@ impl AckTracker {
         snapshot: Option<Arc<crate::checkpoint::SnapshotProgress>>,
     ) {
         self.push_marker(Position {
-            token,
+            token: token.into(),
             cluster_time: None,
             snapshot,
         });
@@ -166,7 +236,7 @@ mod tests {
 
     fn pos(n: i32) -> Position {
         Position {
-            token: Bson::Document(doc! {"_data": n}),
+            token: Bson::Document(doc! {"_data": n}).into(),
             cluster_time: Some(Timestamp {
                 time: n as u32,
                 increment: 1,
@@ -175,8 +245,23 @@ mod tests {
         }
     }
 
+    #[test]
+    fn raw_tokens_decode_as_they_were_and_a_malformed_one_is_refused() {
+        let token = doc! {"_data": "8263A1", "nested": {"a": [1, "two", {"b": null}]}};
+        let raw = bson::RawDocumentBuf::try_from(&token).unwrap();
+        let read = Token::from_raw(RawBsonRef::Document(&raw)).unwrap();
+        assert_eq!(read.to_bson(), Bson::Document(token.clone()));
+        assert_eq!(read, Token::from(Bson::Document(token)));
+        // Invalid UTF-8 deep inside: decoding would fail, so reading it does.
+        let mut bytes = raw.into_bytes();
+        let at = bytes.windows(3).position(|w| w == b"two").unwrap();
+        bytes[at] = 0xff;
+        let broken = bson::RawDocumentBuf::from_bytes(bytes).unwrap();
+        assert!(Token::from_raw(RawBsonRef::Document(&broken)).is_err());
+    }
+
     fn token_of(t: &AckTracker) -> Option<Bson> {
-        t.frontier().map(|p| p.token.clone())
+        t.frontier().map(|p| p.token.to_bson())
     }
 
     #[test]
@@ -189,7 +274,7 @@ mod tests {
         t.ack(b);
         assert_eq!(token_of(&t), None, "frontier moved past unacked event 1");
         t.ack(a);
-        assert_eq!(token_of(&t), Some(pos(3).token));
+        assert_eq!(token_of(&t), Some(pos(3).token.to_bson()));
         assert_eq!(t.outstanding(), 0);
     }
 
@@ -215,6 +300,6 @@ mod tests {
         t.ack(a);
         t.ack(a);
         t.ack(99);
-        assert_eq!(token_of(&t), Some(pos(1).token));
+        assert_eq!(token_of(&t), Some(pos(1).token.to_bson()));
     }
 }

@@ -1164,7 +1164,7 @@ impl Checkpointer {
         }
         let checkpoint = match frontier {
             Some(p) => Checkpoint {
-                token: Some(p.token.clone()),
+                token: Some(p.token.to_bson()),
                 cluster_time: p.cluster_time.or(tracker.frontier_event_time()),
                 paused: self.paused,
                 namespace: self.namespace.clone(),

@@ -275,7 +275,7 @@ async fn life(
                 });
             } else if let Some(token) = stored.as_ref().and_then(|s| s.checkpoint.token.clone()) {
                 tracker.push_marker(Position {
-                    token,
+                    token: token.into(),
                     cluster_time: stored.as_ref().and_then(|s| s.checkpoint.cluster_time),
                     snapshot: Some(progress.clone()),
                 });
@@ -342,7 +342,7 @@ async fn life(
     reader_cancel.cancel();
     let _ = reader_task.await;
     if let Some(p) = pipeline.tracker.frontier() {
-        carry.position = Some(p.token.clone());
+        carry.position = Some(p.token.to_bson());
         carry.snapshot = p.snapshot.clone();
     }
     pipeline.publish();
@@ -1301,7 +1301,7 @@ impl<S: RecordSink> Pipeline<S> {
                 warn!(token = %token_text, document_key = %u.document_key, error = %u.error,
                     "change event cannot be decoded; skipped (on_undeliverable: skip)");
                 let seq = self.tracker.push_event(Position {
-                    token,
+                    token: token.into(),
                     cluster_time: None,
                     snapshot: None,
                 });
@@ -1344,7 +1344,7 @@ impl<S: RecordSink> Pipeline<S> {
                 let copied = self.copy.as_ref().is_some_and(|c| c.seqs.contains(&seq));
                 let token = match (copied, head.token.take()) {
                     (true, Some(own)) => own,
-                    _ => position.token.clone(),
+                    _ => position.token.to_bson(),
                 };
                 head.token = Some(token.clone());
                 head.cluster_time = head.cluster_time.or(position.cluster_time);

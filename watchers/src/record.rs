@@ -190,7 +190,7 @@ fn bounded_key(rendered: String) -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRecord {
     /// The resume token (`_id`); an event without one cannot be checkpointed.
-    pub token: Option<Bson>,
+    pub token: Option<crate::ack::Token>,
     pub cluster_time: Option<bson::Timestamp>,
     pub operation: String,
     pub partition_key: String,
@@ -303,7 +303,7 @@ impl EventRecord {
             None
         };
         Ok(Self {
-            token: owned(top.id)?,
+            token: top.id.map(crate::ack::Token::from_raw).transpose()?,
             cluster_time: match top.cluster_time {
                 Some(RawBsonRef::Timestamp(t)) => Some(t),
                 _ => None,
@@ -322,7 +322,7 @@ impl EventRecord {
     /// The same from a decoded event.
     pub fn from_document(event: Document, key: &FieldPath, format: RecordFormat) -> Self {
         let partition_key = partition_key(&event, key);
-        let token = event.get("_id").cloned();
+        let token = event.get("_id").cloned().map(crate::ack::Token::from);
         let cluster_time = event.get_timestamp("clusterTime").ok();
         let operation = event
             .get_str("operationType")

@@ -339,7 +339,10 @@ mod tests {
         assert_eq!(record.operation, SNAPSHOT_OPERATION);
         assert_eq!(record.cluster_time, Some(ts));
         assert_eq!(record.partition_key, "7");
-        assert_eq!(document_id(&record.token.unwrap()), Some(Bson::Int32(7)));
+        assert_eq!(
+            document_id(&record.token.unwrap().to_bson()),
+            Some(Bson::Int32(7))
+        );
         let json: serde_json::Value = serde_json::from_slice(&record.data).unwrap();
         assert_eq!(json["fullDocument"]["name"], "ada");
         assert_eq!(json["documentKey"]["_id"], 7);

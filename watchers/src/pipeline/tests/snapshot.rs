@@ -90,7 +90,7 @@ async fn a_copy_moves_its_ranges_progress_and_the_stream_its_token() {
     let mut tracker = AckTracker::new();
     // As `life` enters it: the recorded start with the copy's plan.
     tracker.push_marker(Position {
-        token: start_token(),
+        token: start_token().into(),
         cluster_time: Some(ts),
         snapshot: Some(planned.clone()),
     });
