@@ -39,8 +39,12 @@ impl Token {
         match self {
             Self::Decoded(b) => b.clone(),
             // `from_raw` read every element that decoding reads, so this cannot fail; were it
-            // to, the token would be unusable either way and the server says so on resume.
-            Self::Raw(raw) => Bson::try_from(raw.clone()).unwrap_or(Bson::Null),
+            // to, the token would be unusable either way (the server refuses it on resume),
+            // and the log says why.
+            Self::Raw(raw) => Bson::try_from(raw.clone()).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a resume token read from an event does not decode");
+                Bson::Null
+            }),
         }
     }
 }
