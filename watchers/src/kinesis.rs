@@ -130,29 +130,20 @@ fn write_json_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     let mut run = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => b"",
-            _ => continue,
-        };
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
+        }
         out.extend_from_slice(&bytes[run..i]);
-        if escape.is_empty() {
-            out.extend_from_slice(&[
+        match crate::record::short_escape(b) {
+            Some(escape) => out.extend_from_slice(escape),
+            None => out.extend_from_slice(&[
                 b'\\',
                 b'u',
                 b'0',
                 b'0',
                 HEX[usize::from(b >> 4)],
                 HEX[usize::from(b & 0xf)],
-            ]);
-        } else {
-            out.extend_from_slice(escape);
+            ]),
         }
         run = i + 1;
     }

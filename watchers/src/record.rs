@@ -821,6 +821,21 @@ impl<'a> PyObject<'a> {
 /// A string as `json.dumps` (`ensure_ascii=True`) writes it: the two-character escapes for
 /// `"`, `\`, `\n`, `\r`, `\t`, `\b`, `\f`, printable ASCII as is, and everything else,
 /// including DEL (0x7f), as lowercase `\uXXXX` UTF-16 units (surrogate pairs above U+FFFF).
+/// The two-character JSON escape of `b` (`\"`, `\\`, `\n`, `\r`, `\t`, `\b`, `\f`), which
+/// JSON writers, Python's included, use before `\uXXXX`.
+pub(crate) fn short_escape(b: u8) -> Option<&'static [u8]> {
+    Some(match b {
+        b'"' => b"\\\"",
+        b'\\' => b"\\\\",
+        b'\n' => b"\\n",
+        b'\r' => b"\\r",
+        b'\t' => b"\\t",
+        0x08 => b"\\b",
+        0x0c => b"\\f",
+        _ => return None,
+    })
+}
+
 fn write_py_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
@@ -835,17 +850,7 @@ fn write_py_str(out: &mut Vec<u8>, s: &str) {
         }
         let b = bytes[i];
         out.extend_from_slice(&bytes[run..i]);
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            _ => b"",
-        };
-        if !escape.is_empty() {
+        if let Some(escape) = short_escape(b) {
             out.extend_from_slice(escape);
             i += 1;
         } else {
