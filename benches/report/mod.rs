@@ -1251,6 +1251,34 @@ async fn bare_stream_opens(mongo_port: u16, n: usize) -> Duration {
         .expect("parse the bare client's URI");
     options.max_pool_size = Some(n as u32 + 8);
     let client = mongodb::Client::with_options(options).expect("bare client");
+    // The server lets go of the watcher's connections only as their waiting reads end (up to
+    // the watcher's `MAX_AWAIT`); until then they count against its connection limit.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = client
+            .database("admin")
+            .run_command(doc! {"serverStatus": 1})
+            .await
+            .expect("serverStatus");
+        let current = status
+            .get_document("connections")
+            .ok()
+            .and_then(|c| match c.get("current") {
+                Some(bson::Bson::Int32(v)) => Some(i64::from(*v)),
+                Some(bson::Bson::Int64(v)) => Some(*v),
+                Some(bson::Bson::Double(v)) => Some(*v as i64),
+                _ => None,
+            })
+            .unwrap_or(0);
+        if current <= 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{current} connections still open on SecantusDB {WAIT:?} after the watcher stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let db = client.database("many");
     let started = Instant::now();
     let opens = (0..n).map(|i| {
