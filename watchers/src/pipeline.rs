@@ -525,7 +525,7 @@ const BACKING_OFF_AFTER: u32 = 3;
 /// Checkpoint writes failed in a row before the watcher shows `backing_off`.
 const CHECKPOINT_FAILURES_SHOWN: u32 = 3;
 /// Silence of the change stream, while the loop is ready to read, after which the watcher
-/// shows `backing_off`. A healthy stream answers at least every `reader::MAX_AWAIT` (0.5 s),
+/// shows `backing_off`. A healthy stream answers at least every `reader::MAX_AWAIT` (2 s),
 /// with events or an empty read; the driver itself gives up on a lost server only after its
 /// server selection timeout (30 s by default).
 const READER_STALL: Duration = Duration::from_secs(5);
@@ -1229,10 +1229,11 @@ impl<S: RecordSink> Pipeline<S> {
             warn!(silent_for = ?(now - self.last_read), "the change stream is not answering");
             self.mongo_trouble = Some(format!(
                 "mongodb: the change stream on `{}.{}` has not answered for {} s (a healthy \
-                 stream answers every 0.5 s); the driver keeps trying",
+                 stream answers every {} s); the driver keeps trying",
                 self.spec.database,
                 self.spec.collection,
-                (now - self.last_read).as_secs()
+                (now - self.last_read).as_secs(),
+                reader::MAX_AWAIT.as_secs()
             ));
             self.show_health();
         }
