@@ -119,6 +119,20 @@ fn metric(port: u16, name: &str, watcher: &str) -> f64 {
         .sum()
 }
 
+/// Events the watcher on `port` has had acknowledged by Kinesis, from `GET /watchers/{watcher}`
+/// (`counters.records_put`, counted where `mongo_watcher_records_put_total` is): a short JSON
+/// answer where `/metrics` renders every series, so a bench waiting on it costs the watcher
+/// less.
+fn records_put(port: u16, watcher: &str) -> f64 {
+    SCRAPES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let r = request(port, "GET", &format!("/watchers/{watcher}"), None, "");
+    assert_eq!(r.status, 200, "GET /watchers/{watcher}: {}", r.body);
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("watcher status is JSON");
+    v["counters"]["records_put"]
+        .as_f64()
+        .expect("counters.records_put in the watcher's status")
+}
+
 /// PutRecords calls, records in them, seconds spent in them, and records acknowledged, so far.
 #[derive(Clone, Copy, Default)]
 struct Calls {

@@ -230,7 +230,7 @@ const FIGS: &[Fig] = &[
     fig(
         "cpu_us_net",
         4,
-        "the same without answering the bench's `/metrics` polls (their CPU measured on the idle watcher right after)",
+        "the same without answering the bench's status polls (their CPU measured on the idle watcher right after)",
         "µs",
         None,
         1,
@@ -238,7 +238,7 @@ const FIGS: &[Fig] = &[
     fig(
         "scrape_us",
         4,
-        "CPU of one `GET /metrics` answer, idle watcher",
+        "CPU of one `GET /watchers/{name}` answer (the bench's poll), idle watcher",
         "µs",
         None,
         0,
@@ -813,7 +813,7 @@ async fn wait_delivered(
     let deadline = Instant::now() + timeout;
     let (mut last, mut moved) = (f64::NAN, Instant::now());
     loop {
-        let acked = metric(port, "mongo_watcher_records_put_total", watcher) - before;
+        let acked = super::records_put(port, watcher) - before;
         let (now, wall) = (Instant::now(), wall_ms());
         if acked != last {
             (last, moved) = (acked, now);
@@ -969,7 +969,7 @@ async fn backlog_scenarios(e: Arc<Env>, s: Sizes, r: &mut RunResult) {
         const PROBES: u32 = 1000;
         let probe_before = cpu_seconds(pid);
         for _ in 0..PROBES {
-            metric(port, "mongo_watcher_records_put_total", "e2e");
+            super::records_put(port, "e2e");
         }
         let scrape = (cpu_seconds(pid) - probe_before) / f64::from(PROBES);
         (n as f64 / secs, cpu, calls, ddb, polls, scrape)
@@ -990,7 +990,7 @@ async fn backlog_scenarios(e: Arc<Env>, s: Sizes, r: &mut RunResult) {
                 (cpu - polls as f64 * scrape).max(0.0) * 1e6 / n as f64,
             );
             r.notes.push(format!(
-                "the drain's CPU includes {polls} `GET /metrics` polls of the bench, {:.0} µs \
+                "the drain's CPU includes {polls} status polls of the bench, {:.0} µs \
                  each on the idle watcher",
                 scrape * 1e6
             ));
@@ -2023,12 +2023,16 @@ fn render(s: &Sizes, runs: &[RunResult], total: Duration) -> String {
          figure is the duration of bare `PutRecords` calls from the bench, one at a time, \
          measured right after on the same moto.\n\
          - CPU per event (4) is the watcher process's utime + stime from `/proc/<pid>/stat` over \
-         the backlog drain of scenario 2 (it includes answering the bench's `/metrics` polls), \
+         the backlog drain of scenario 2 (it includes answering the bench's status polls), \
          divided by the backlog's events.\n\
          - Throttling (8, 9) goes through `tests/support/kinesis_proxy.py` in both halves, so its \
          ratios compare like with like; (8) uses the proxy's `fail_shard` rule, (9) \
          `fail_record_rate: 0.25` and `fail_call_rate: 0.1`. Time (9) runs from the first update \
-         until the last record is readable.\n\
+         until the watcher reports the last one acknowledged.\n\
+         - Scenarios 2, 5, 8 and 9 end when the watcher reports every event acknowledged \
+         (`GET /watchers/{{name}}`, every `BENCH_POLL_MS`); the stream is read after that, \
+         untimed, and every record must have arrived (moto's `ApproximateArrivalTimestamp`) by \
+         then. Reading it during the drain took moto's CPU from the watcher's PutRecords.\n\
          - Aggregation (10): the updates are written while the watcher is paused, then timed from \
          the resume until all are acknowledged, and read back deaggregated (every version once, \
          in order per document). The hot document goes straight to moto; the small updates go \
