@@ -1299,6 +1299,15 @@ async fn bare_stream_opens(mongo_port: u16, n: usize) -> Duration {
     took
 }
 
+/// `BENCH_THROTTLE_EXTRA`: watcher settings added to the watchers of both throttling
+/// scenarios, in both halves (YAML lines, `\n`-separated), e.g.
+/// "    record_retry_max_backoff: 100ms\n" to see what a setting does under faults.
+fn throttle_extra() -> String {
+    std::env::var("BENCH_THROTTLE_EXTRA")
+        .unwrap_or_default()
+        .replace("\\n", "\n")
+}
+
 struct ThrottleA {
     rate: f64,
     lost: usize,
@@ -1323,7 +1332,15 @@ async fn throttle_a(
     let stream = unique("bench-thr-a");
     e.aws.create_stream(&stream, shards).await;
     let coll_name = unique("thr-a");
-    let (_w, port, _dir) = watch(&e, "thra", &coll_name, &stream, &proxy.endpoint()).await;
+    let (_w, port, _dir) = watch_with(
+        &e,
+        "thra",
+        &coll_name,
+        &stream,
+        &proxy.endpoint(),
+        &throttle_extra(),
+    )
+    .await;
     pause(port, "thra");
     write_backlog(&coll(&e, &coll_name), 0..docs as i64, bytes).await;
     let mut tail = Tail::new(&e.aws, &stream).await;
@@ -1373,7 +1390,15 @@ async fn throttle_b(e: Arc<Env>, proxy: Arc<Proxy>, s: Sizes, faults: bool) -> T
         .map(|k| doc! {"_id": key(k), "n": 0_i64})
         .collect();
     c.insert_many(docs).await.expect("insert the documents");
-    let (_w, port, _dir) = watch(&e, "thrb", &coll_name, &stream, &proxy.endpoint()).await;
+    let (_w, port, _dir) = watch_with(
+        &e,
+        "thrb",
+        &coll_name,
+        &stream,
+        &proxy.endpoint(),
+        &throttle_extra(),
+    )
+    .await;
     if faults {
         proxy.rules(json!({"fail_record_rate": 0.25, "fail_call_rate": 0.1}));
     }
