@@ -122,8 +122,9 @@ impl Scheduler {
         self.delayed.keys().next().map(|(at, _)| *at)
     }
 
-    /// Makes every record whose retry delay has ended by `now` ready again.
-    pub fn promote(&mut self, now: Instant) {
+    /// Makes every record whose retry delay has ended by `now` ready again; returns how many.
+    pub fn promote(&mut self, now: Instant) -> usize {
+        let mut promoted = 0;
         while let Some(entry) = self.delayed.first_entry() {
             if entry.key().0 > now {
                 break;
@@ -136,7 +137,9 @@ impl Scheduler {
                 }
             }
             self.ready.insert(seq, key);
+            promoted += 1;
         }
+        promoted
     }
 
     /// Records that could go into a call right now.

@@ -1445,7 +1445,13 @@ impl<S: RecordSink> Pipeline<S> {
     /// Starts as many calls as the send limit, the stream backoff and the linger allow.
     fn dispatch(&mut self) {
         let now = Instant::now();
-        self.scheduler.promote(now);
+        if self.scheduler.promote(now) > 0 {
+            // A retried record has waited its own delay already; it does not wait for company
+            // again (the linger is for records that keep arriving from the reader, and while
+            // the reader waits on an empty stream, up to `reader::MAX_AWAIT`, each retry
+            // would otherwise add the whole linger).
+            self.linger_deadline = Some(now);
+        }
         if self.halted {
             return;
         }

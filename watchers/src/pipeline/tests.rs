@@ -471,6 +471,45 @@ async fn a_rejected_record_waits_alone_while_other_keys_flow() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retried_record_does_not_linger_again() {
+    // Key `a` is rejected once; the reader is not idle (it waits on an empty stream).
+    let attempts = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let sink = FakeSink::new({
+        let attempts = attempts.clone();
+        move |r, _| {
+            let mut attempts = attempts.lock().unwrap();
+            let n = attempts.entry(r.partition_key.clone()).or_default();
+            *n += 1;
+            if r.partition_key == "a" && *n == 1 {
+                Fate::Reject
+            } else {
+                Fate::Accept
+            }
+        }
+    });
+    let settings = BatchSettings {
+        linger: ms(50),
+        retry_initial_backoff: ms(20),
+        record_retry_max_backoff: ms(20),
+        ..batch()
+    };
+    let mut run = Run::start(spec(settings), sink.clone(), None);
+    let start = Instant::now();
+    run.insert("a").await;
+    run.insert("b").await;
+    tokio::time::sleep(ms(200)).await;
+    let calls = sink.calls();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls[0].0 - start >= ms(50), "the first call lingered");
+    // Sent once its own delay (0-20 ms, jittered) after the answer (10 ms, the fake's
+    // latency) was over, not a linger (50 ms) later.
+    let again = calls[1].0 - calls[0].0;
+    assert!(again <= ms(30), "the retry went {again:?} after the call");
+    assert_eq!(sink.delivered().len(), 2);
+    run.stop().await.0.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn calls_failing_whole_halve_the_limit_and_back_off_the_stream() {
     // The first six calls fail whole; then everything is accepted.
     let sink = FakeSink::new(|_, call| {
