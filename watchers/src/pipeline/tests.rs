@@ -60,6 +60,22 @@ impl FakeSink {
         Self::new(|_, _| Fate::Accept)
     }
 
+    /// Rejects the first `times` attempts at records of `key` (counted over all its records);
+    /// accepts everything else.
+    fn rejecting(key: &'static str, times: u32) -> Self {
+        let attempts = Mutex::new(HashMap::<String, u32>::new());
+        Self::new(move |r, _| {
+            let mut attempts = attempts.lock().unwrap();
+            let n = attempts.entry(r.partition_key.clone()).or_default();
+            *n += 1;
+            if r.partition_key == key && *n <= times {
+                Fate::Reject
+            } else {
+                Fate::Accept
+            }
+        })
+    }
+
     /// Calls wait until the returned sender sends `true`.
     fn gated(mut self) -> (Self, watch::Sender<bool>) {
         let (open, gate) = watch::channel(false);
@@ -417,20 +433,7 @@ async fn the_loop_sleeps_while_calls_are_at_the_limit() {
 #[tokio::test(start_paused = true)]
 async fn a_rejected_record_waits_alone_while_other_keys_flow() {
     // Key `a` is rejected on its first three attempts; everything else is accepted.
-    let attempts = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
-    let sink = FakeSink::new({
-        let attempts = attempts.clone();
-        move |r, _| {
-            let mut attempts = attempts.lock().unwrap();
-            let n = attempts.entry(r.partition_key.clone()).or_default();
-            *n += 1;
-            if r.partition_key == "a" && *n <= 3 {
-                Fate::Reject
-            } else {
-                Fate::Accept
-            }
-        }
-    });
+    let sink = FakeSink::rejecting("a", 3);
     let settings = BatchSettings {
         linger: ms(5),
         retry_initial_backoff: ms(100),
@@ -473,20 +476,7 @@ async fn a_rejected_record_waits_alone_while_other_keys_flow() {
 #[tokio::test(start_paused = true)]
 async fn a_retried_record_does_not_linger_again() {
     // Key `a` is rejected once; the reader is not idle (it waits on an empty stream).
-    let attempts = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
-    let sink = FakeSink::new({
-        let attempts = attempts.clone();
-        move |r, _| {
-            let mut attempts = attempts.lock().unwrap();
-            let n = attempts.entry(r.partition_key.clone()).or_default();
-            *n += 1;
-            if r.partition_key == "a" && *n == 1 {
-                Fate::Reject
-            } else {
-                Fate::Accept
-            }
-        }
-    });
+    let sink = FakeSink::rejecting("a", 1);
     let settings = BatchSettings {
         linger: ms(50),
         retry_initial_backoff: ms(20),
