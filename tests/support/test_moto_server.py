@@ -77,49 +77,37 @@ def main() -> None:
                     out[it["k"]["S"]] = it["v"]["N"]
             return out
 
+        # A Put of a new item, an Update and a Delete: what both transactions below write.
+        writes = [
+            {"Put": {"TableName": "t", "Item": {"k": {"S": "new"}, "v": {"N": "1"}}}},
+            {
+                "Update": {
+                    "TableName": "t",
+                    "Key": {"k": {"S": "changed"}},
+                    "UpdateExpression": "SET v = :v",
+                    "ExpressionAttributeValues": {":v": {"N": "2"}},
+                }
+            },
+            {"Delete": {"TableName": "t", "Key": {"k": {"S": "deleted"}}}},
+        ]
+        refused = {
+            "Put": {
+                "TableName": "t",
+                "Item": {"k": {"S": "refused"}, "v": {"N": "1"}},
+                "ConditionExpression": "attribute_exists(k)",
+            }
+        }
+
         before = items()
         try:
-            db.transact_write_items(
-                TransactItems=[
-                    {"Put": {"TableName": "t", "Item": {"k": {"S": "new"}, "v": {"N": "1"}}}},
-                    {
-                        "Update": {
-                            "TableName": "t",
-                            "Key": {"k": {"S": "changed"}},
-                            "UpdateExpression": "SET v = :v",
-                            "ExpressionAttributeValues": {":v": {"N": "2"}},
-                        }
-                    },
-                    {"Delete": {"TableName": "t", "Key": {"k": {"S": "deleted"}}}},
-                    {
-                        "Put": {
-                            "TableName": "t",
-                            "Item": {"k": {"S": "refused"}, "v": {"N": "1"}},
-                            "ConditionExpression": "attribute_exists(k)",
-                        }
-                    },
-                ]
-            )
+            db.transact_write_items(TransactItems=writes + [refused])
             cancelled = False
         except ClientError as err:
             cancelled = err.response["Error"]["Code"] == "TransactionCanceledException"
         check(cancelled, "a transaction with a failed condition is cancelled")
         check(items() == before, "a cancelled transaction leaves every item as it was")
 
-        db.transact_write_items(
-            TransactItems=[
-                {"Put": {"TableName": "t", "Item": {"k": {"S": "new"}, "v": {"N": "1"}}}},
-                {
-                    "Update": {
-                        "TableName": "t",
-                        "Key": {"k": {"S": "changed"}},
-                        "UpdateExpression": "SET v = :v",
-                        "ExpressionAttributeValues": {":v": {"N": "2"}},
-                    }
-                },
-                {"Delete": {"TableName": "t", "Key": {"k": {"S": "deleted"}}}},
-            ]
-        )
+        db.transact_write_items(TransactItems=writes)
         after = items()
         expected = {k: v for k, v in before.items() if k != "deleted"}
         expected.update({"new": "1", "changed": "2"})
