@@ -843,6 +843,7 @@ struct PartialWatcher {
     max_put_retries: Option<u32>,
     retry_initial_backoff: Option<Duration>,
     retry_max_backoff: Option<Duration>,
+    record_retry_initial_backoff: Option<Duration>,
     record_retry_max_backoff: Option<Duration>,
 }
 
@@ -1023,6 +1024,7 @@ impl PartialWatcher {
             max_put_retries: s.take("max_put_retries"),
             retry_initial_backoff: s.duration("retry_initial_backoff"),
             retry_max_backoff: s.duration("retry_max_backoff"),
+            record_retry_initial_backoff: s.duration("record_retry_initial_backoff"),
             record_retry_max_backoff: s.duration("record_retry_max_backoff"),
         };
         if p.max_in_flight == Some(0) {
@@ -1114,6 +1116,10 @@ impl PartialWatcher {
                 .retry_max_backoff
                 .or(d.retry_max_backoff)
                 .unwrap_or(defaults.retry_max_backoff),
+            record_retry_initial_backoff: self
+                .record_retry_initial_backoff
+                .or(d.record_retry_initial_backoff)
+                .unwrap_or(defaults.record_retry_initial_backoff),
             record_retry_max_backoff: self
                 .record_retry_max_backoff
                 .or(d.record_retry_max_backoff)
@@ -1262,7 +1268,7 @@ watchers:
         let text = r#"
 mongodb: {uri: "mongodb://h"}
 limits: {max_pending_bytes: 1GiB}
-defaults: {stream: s, max_pending_bytes: 32MiB, record_retry_max_backoff: 400ms}
+defaults: {stream: s, max_pending_bytes: 32MiB, record_retry_max_backoff: 400ms, record_retry_initial_backoff: 40ms}
 watchers:
   - {name: a, database: d, collection: c}
   - {name: b, database: d, collection: c, max_pending_bytes: 1048576}
@@ -1280,6 +1286,10 @@ watchers:
             cfg.watchers[0].batch.record_retry_max_backoff,
             Duration::from_millis(400)
         );
+        assert_eq!(
+            cfg.watchers[0].batch.record_retry_initial_backoff,
+            Duration::from_millis(40)
+        );
         let defaults = parse(
             "mongodb: {uri: \"mongodb://h\"}\nwatchers: [{name: a, database: d, collection: c, stream: s}]",
             &env,
@@ -1289,7 +1299,11 @@ watchers:
         assert_eq!(defaults.watchers[0].batch.max_pending_bytes, 64 << 20);
         assert_eq!(
             defaults.watchers[0].batch.record_retry_max_backoff,
-            Duration::from_millis(250)
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            defaults.watchers[0].batch.record_retry_initial_backoff,
+            Duration::from_millis(25)
         );
         let bad = r#"
 mongodb: {uri: "mongodb://h"}

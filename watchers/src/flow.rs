@@ -198,6 +198,26 @@ mod tests {
     }
 
     #[test]
+    fn default_record_delays_grow_from_25_to_100_ms() {
+        // The README's figures: a record's ceiling doubles from 25 ms and stops at 100 ms,
+        // separate from the stream backoff's 100 ms start.
+        let b = crate::spec::BatchSettings::default();
+        let ceilings: Vec<_> = (1..=5)
+            .map(|a| {
+                record_delay(
+                    a,
+                    b.record_retry_initial_backoff,
+                    b.record_retry_max_backoff,
+                    1.0,
+                )
+                .as_millis()
+            })
+            .collect();
+        assert_eq!(ceilings, vec![25, 50, 100, 100, 100]);
+        assert_eq!(b.retry_initial_backoff, Duration::from_millis(100));
+    }
+
+    #[test]
     fn send_limit_is_aimd_between_one_and_max() {
         let mut l = SendLimit::new(8);
         assert_eq!(l.current(), 8);

@@ -1720,7 +1720,7 @@ impl<S: RecordSink> Pipeline<S> {
         let batch = &self.spec.batch;
         let delay = record_delay(
             attempts,
-            batch.retry_initial_backoff,
+            batch.record_retry_initial_backoff,
             batch.record_retry_max_backoff,
             jitter,
         );

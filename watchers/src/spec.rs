@@ -161,10 +161,13 @@ pub struct BatchSettings {
     pub max_pending_bytes: usize,
     /// Failed attempts of one record before the watcher fails; `None` retries forever.
     pub max_put_retries: Option<u32>,
-    /// First retry delay of a rejected record, and of the stream backoff; doubles with jitter.
+    /// First delay of the stream backoff, once calls fail whole; doubles with jitter.
     pub retry_initial_backoff: Duration,
     /// Longest stream backoff, once calls fail whole in a row.
     pub retry_max_backoff: Duration,
+    /// First retry delay of one rejected record while the stream accepts others; doubles
+    /// with the record's attempts, with full jitter.
+    pub record_retry_initial_backoff: Duration,
     /// Longest delay of one rejected record while the stream accepts others.
     pub record_retry_max_backoff: Duration,
 }
@@ -186,7 +189,8 @@ impl Default for BatchSettings {
             max_put_retries: None,
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(10),
-            record_retry_max_backoff: Duration::from_millis(250),
+            record_retry_initial_backoff: Duration::from_millis(25),
+            record_retry_max_backoff: Duration::from_millis(100),
         }
     }
 }

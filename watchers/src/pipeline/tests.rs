@@ -437,6 +437,7 @@ async fn a_rejected_record_waits_alone_while_other_keys_flow() {
     let settings = BatchSettings {
         linger: ms(5),
         retry_initial_backoff: ms(100),
+        record_retry_initial_backoff: ms(100),
         record_retry_max_backoff: ms(1000),
         ..batch()
     };
@@ -480,6 +481,7 @@ async fn a_retried_record_does_not_linger_again() {
     let settings = BatchSettings {
         linger: ms(50),
         retry_initial_backoff: ms(20),
+        record_retry_initial_backoff: ms(20),
         record_retry_max_backoff: ms(20),
         ..batch()
     };
@@ -513,6 +515,7 @@ async fn calls_failing_whole_halve_the_limit_and_back_off_the_stream() {
         linger: ms(5),
         max_in_flight: 4,
         retry_initial_backoff: ms(100),
+        record_retry_initial_backoff: ms(100),
         retry_max_backoff: ms(800),
         record_retry_max_backoff: ms(100),
         ..batch()
@@ -567,6 +570,7 @@ async fn the_limit_climbs_back_after_the_stream_recovers() {
         linger: ms(1),
         max_in_flight: 4,
         retry_initial_backoff: ms(10),
+        record_retry_initial_backoff: ms(10),
         record_retry_max_backoff: ms(10),
         ..batch()
     };
@@ -598,6 +602,7 @@ async fn max_put_retries_stops_the_watcher() {
         linger: ms(1),
         max_put_retries: Some(2),
         retry_initial_backoff: ms(10),
+        record_retry_initial_backoff: ms(10),
         ..batch()
     };
     let mut run = Run::start(spec(settings), sink.clone(), None);
