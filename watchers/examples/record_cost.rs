@@ -2,7 +2,7 @@
 //! of a 1 KiB document shaped as the benchmark's backlog (`_id` and a 1,000-byte string).
 //! Figures are nanoseconds per event on this machine; compare them within one run.
 //!
-//! `cargo run --release -p watchers --example record_cost`
+//! `cargo run --release -p watchers --example record_cost [stage name filter]`
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -13,6 +13,13 @@ use watchers::record::{encode_raw, partition_key_raw, EventRecord, FieldPath, Re
 const ROUNDS: u32 = 200_000;
 
 fn time(name: &str, f: impl Fn() -> usize) {
+    // `record_cost <text>` times only the stages whose name holds it (for `perf record`).
+    if std::env::args()
+        .nth(1)
+        .is_some_and(|only| !name.contains(&only))
+    {
+        return;
+    }
     let started = Instant::now();
     let mut sum = 0;
     for _ in 0..ROUNDS {
@@ -49,5 +56,8 @@ fn main() {
     time("partition_key_raw", || {
         partition_key_raw(&raw, &key).map_or(0, |k| k.len())
     });
-    time("walk the top level", || raw.iter().count());
+    time("walk the top level (bson)", || raw.iter().count());
+    time("walk the top level (bson_walk)", || {
+        watchers::bson_walk::walk(raw.as_bytes()).map_or(0, Iterator::count)
+    });
 }

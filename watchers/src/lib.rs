@@ -13,6 +13,7 @@
 pub mod ack;
 pub mod aggregate;
 pub mod batch;
+pub mod bson_walk;
 pub mod checkpoint;
 pub mod claim_check;
 pub mod control;

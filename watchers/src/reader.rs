@@ -242,9 +242,13 @@ pub async fn run(
     let mut split = Reassembly::new();
     loop {
         let started = Instant::now();
+        // `biased`, work first: an event already in the batch is taken without registering
+        // with the cancellation token (its mutex, twice per event otherwise); a stopped
+        // watcher is still seen at once whenever the work has to wait.
         let next = tokio::select! {
-            _ = cancel.cancelled() => return,
+            biased;
             next = stream.next_if_any() => next,
+            _ = cancel.cancelled() => return,
         };
         let msg = match next {
             Ok(Some(read)) => {
@@ -275,11 +279,12 @@ pub async fn run(
                         return;
                     }
                 };
-                let last = raw.get_str("operationType").ok() == Some("invalidate");
+                let last = is_invalidate(&raw);
                 let bytes = raw.as_bytes().len();
                 let reservation = tokio::select! {
-                    _ = cancel.cancelled() => return,
+                    biased;
                     r = Reservation::take(&watcher_budget, &process_budget, bytes) => r,
+                    _ = cancel.cancelled() => return,
                 };
                 let msg = ReaderMsg::Event(raw, reservation);
                 if !send(&tx, &cancel, Ok(msg)).await || last {
@@ -323,9 +328,22 @@ async fn send(
     msg: Result<ReaderMsg, WatcherError>,
 ) -> bool {
     tokio::select! {
-        _ = cancel.cancelled() => false,
+        biased;
         sent = tx.send(msg) => sent.is_ok(),
+        _ = cancel.cancelled() => false,
     }
+}
+
+/// Whether the event is an `invalidate` (the stream's last), read with the quick walk.
+fn is_invalidate(event: &RawDocumentBuf) -> bool {
+    crate::bson_walk::walk(event.as_bytes())
+        .into_iter()
+        .flatten()
+        .map_while(Result::ok)
+        .find(|element| element.key == "operationType")
+        .is_some_and(|element| {
+            element.kind == 0x02 && crate::bson_walk::str_value(element.value) == Ok("invalidate")
+        })
 }
 
 fn classify(error: mongodb::error::Error) -> WatcherError {
@@ -368,6 +386,22 @@ fn bad_token(e: bson::error::Error) -> WatcherError {
 mod tests {
     use super::*;
     use bson::doc;
+
+    #[test]
+    fn only_an_invalidate_ends_the_stream() {
+        let raw = |d: bson::Document| RawDocumentBuf::try_from(&d).unwrap();
+        assert!(is_invalidate(&raw(
+            doc! {"_id": {"_data": "82"}, "operationType": "invalidate"}
+        )));
+        for other in [
+            doc! {"_id": {"_data": "82"}, "operationType": "insert"},
+            doc! {"operationType": 1},
+            doc! {"fullDocument": {"operationType": "invalidate"}},
+            doc! {},
+        ] {
+            assert!(!is_invalidate(&raw(other.clone())), "{other}");
+        }
+    }
 
     #[test]
     fn invalid_utf8_is_repaired_not_fatal() {

@@ -7,6 +7,8 @@ use bson::raw::{RawBsonRef, RawDocument};
 use bson::RawBson;
 use bson::{Bson, Document};
 use serde::Serialize;
+
+use crate::bson_walk::{self, Malformed};
 use sha2::{Digest, Sha256};
 
 /// Kinesis rejects a record whose data plus partition key exceeds 1 MiB on a stream at the
@@ -213,6 +215,8 @@ struct Top<'a, 'k> {
     key_root: Option<RawBsonRef<'a>>,
     /// `fullDocumentBeforeChange`, where the key's path has a twin there.
     pre_image_root: Option<RawBsonRef<'a>>,
+    /// A field read here had a type [`walked_ref`] does not take: read the event with bson.
+    unread: bool,
 }
 
 impl<'a, 'k> Top<'a, 'k> {
@@ -226,6 +230,22 @@ impl<'a, 'k> Top<'a, 'k> {
             ns: None,
             key_root: None,
             pre_image_root: None,
+            unread: false,
+        }
+    }
+
+    /// [`Self::see`] of a walked element, reading the value only when its name is wanted.
+    fn see_walked(&mut self, name: &'a str, kind: u8, value: &'a [u8]) {
+        let wanted = matches!(
+            name,
+            "_id" | "clusterTime" | "operationType" | "documentKey" | "ns"
+        ) || (name == "fullDocumentBeforeChange" && self.key.in_full_document())
+            || self.key.0.first().is_some_and(|first| first == name);
+        if wanted {
+            match walked_ref(kind, value) {
+                Some(value) => self.see(name, value),
+                None => self.unread = true,
+            }
         }
     }
 
@@ -288,9 +308,16 @@ impl EventRecord {
             RecordFormat::Relaxed | RecordFormat::Canonical => {
                 let canonical = format == RecordFormat::Canonical;
                 let mut out = Vec::with_capacity(encoded_capacity(event));
-                write_raw_fields(&mut out, event, canonical, |name, value| {
-                    top.see(name, value)
-                })?;
+                let walked = walk_fields(&mut out, event.as_bytes(), canonical, |n, k, v| {
+                    top.see_walked(n, k, v)
+                });
+                if walked.is_err() || top.unread {
+                    out.clear();
+                    top = Top::new(key);
+                    write_raw_fields(&mut out, event, canonical, |name, value| {
+                        top.see(name, value)
+                    })?;
+                }
                 out
             }
         };
@@ -433,8 +460,13 @@ pub fn encode_raw(event: &RawDocument, format: RecordFormat) -> bson::error::Res
     let mut out = Vec::with_capacity(encoded_capacity(event));
     match format {
         RecordFormat::Legacy => return Ok(encode_legacy(&Document::try_from(event)?)),
-        RecordFormat::Relaxed => write_raw_document(&mut out, event, false)?,
-        RecordFormat::Canonical => write_raw_document(&mut out, event, true)?,
+        RecordFormat::Relaxed | RecordFormat::Canonical => {
+            let canonical = format == RecordFormat::Canonical;
+            if walk_fields(&mut out, event.as_bytes(), canonical, |_, _, _| {}).is_err() {
+                out.clear();
+                write_raw_document(&mut out, event, canonical)?;
+            }
+        }
     }
     Ok(out)
 }
@@ -495,51 +527,163 @@ fn write_raw_value(
             write_py_str(object.key("$oid"), &oid.to_hex());
             object.end();
         }
-        RawBsonRef::Timestamp(ts) => {
-            let mut outer = PyObject::begin(out);
-            let mut inner = PyObject::begin(outer.key("$timestamp"));
-            write_int(inner.key("t"), i64::from(ts.time));
-            write_int(inner.key("i"), i64::from(ts.increment));
-            inner.end();
-            outer.end();
-        }
-        // Every change event has one (`wallTime`): written here without building a
-        // `serde_json::Value` (the tests compare this with the decoded path).
-        RawBsonRef::DateTime(dt) => {
-            let ms = dt.timestamp_millis();
-            let mut object = PyObject::begin(out);
-            let inner = object.key("$date");
-            match (!canonical && (0..=MAX_RFC3339_MILLIS).contains(&ms))
-                .then(|| dt.try_to_rfc3339_string().ok())
-                .flatten()
-            {
-                Some(text) => write_py_str(inner, &text),
-                None => {
-                    let mut long = PyObject::begin(inner);
-                    write_py_str(long.key("$numberLong"), itoa::Buffer::new().format(ms));
-                    long.end();
-                }
-            }
-            object.end();
-        }
+        RawBsonRef::Timestamp(ts) => write_timestamp(out, ts),
+        RawBsonRef::DateTime(dt) => write_date(out, dt, canonical),
         RawBsonRef::Int32(v) if !canonical => write_int(out, i64::from(v)),
         RawBsonRef::Int64(v) if !canonical => write_int(out, v),
         RawBsonRef::Double(v) if !canonical && v.is_finite() => write_py_float(out, v),
-        // Dates, binaries, decimals, regexes and the deprecated types: through the decoded
-        // value's own Extended JSON, so their layout has one definition.
-        other => {
-            let value = Bson::try_from(bson::RawBson::from(other))?;
-            let json = if canonical {
-                value.into_canonical_extjson()
-            } else {
-                value.into_relaxed_extjson()
-            };
-            let mut ser = serde_json::Serializer::with_formatter(&mut *out, PythonFormatter);
-            // Serializing a serde_json::Value into a Vec cannot fail.
-            let _ = json.serialize(&mut ser);
-        }
+        other => write_extjson(out, other, canonical)?,
     }
     Ok(())
+}
+
+fn write_timestamp(out: &mut Vec<u8>, ts: bson::Timestamp) {
+    let mut outer = PyObject::begin(out);
+    let mut inner = PyObject::begin(outer.key("$timestamp"));
+    write_int(inner.key("t"), i64::from(ts.time));
+    write_int(inner.key("i"), i64::from(ts.increment));
+    inner.end();
+    outer.end();
+}
+
+/// Every change event has one (`wallTime`): written here without building a
+/// `serde_json::Value` (the tests compare this with the decoded path).
+fn write_date(out: &mut Vec<u8>, dt: bson::DateTime, canonical: bool) {
+    let ms = dt.timestamp_millis();
+    let mut object = PyObject::begin(out);
+    let inner = object.key("$date");
+    match (!canonical && (0..=MAX_RFC3339_MILLIS).contains(&ms))
+        .then(|| dt.try_to_rfc3339_string().ok())
+        .flatten()
+    {
+        Some(text) => write_py_str(inner, &text),
+        None => {
+            let mut long = PyObject::begin(inner);
+            write_py_str(long.key("$numberLong"), itoa::Buffer::new().format(ms));
+            long.end();
+        }
+    }
+    object.end();
+}
+
+/// Binaries, decimals, regexes, the deprecated types and numbers in canonical form: through
+/// the decoded value's own Extended JSON, so their layout has one definition.
+fn write_extjson(
+    out: &mut Vec<u8>,
+    value: RawBsonRef<'_>,
+    canonical: bool,
+) -> bson::error::Result<()> {
+    let value = Bson::try_from(bson::RawBson::from(value))?;
+    let json = if canonical {
+        value.into_canonical_extjson()
+    } else {
+        value.into_relaxed_extjson()
+    };
+    let mut ser = serde_json::Serializer::with_formatter(&mut *out, PythonFormatter);
+    // Serializing a serde_json::Value into a Vec cannot fail.
+    let _ = json.serialize(&mut ser);
+    Ok(())
+}
+
+/// [`write_raw_fields`] over [`bson_walk`] (the hot path: a few times faster than bson's
+/// iterator), showing each top-level element to `see`. [`Malformed`] means only that this
+/// walk could not write it: the caller writes the document again with bson's iterator,
+/// which decides (and names the error).
+fn walk_fields<'a>(
+    out: &mut Vec<u8>,
+    doc: &'a [u8],
+    canonical: bool,
+    mut see: impl FnMut(&'a str, u8, &'a [u8]),
+) -> Result<(), Malformed> {
+    let mut object = PyObject::begin(out);
+    for element in bson_walk::walk(doc)? {
+        let element = element?;
+        see(element.key, element.kind, element.value);
+        walk_value(
+            object.key(element.key),
+            element.kind,
+            element.value,
+            canonical,
+        )?;
+    }
+    object.end();
+    Ok(())
+}
+
+/// [`write_raw_value`] of a walked value: type byte and value bytes.
+fn walk_value(out: &mut Vec<u8>, kind: u8, v: &[u8], canonical: bool) -> Result<(), Malformed> {
+    match kind {
+        0x02 => write_py_text(out, bson_walk::string_bytes(v)?, false)?,
+        0x03 => walk_fields(out, v, canonical, |_, _, _| {})?,
+        0x04 => {
+            out.push(b'[');
+            for (i, element) in bson_walk::walk(v)?.enumerate() {
+                let element = element?;
+                if i > 0 {
+                    out.extend_from_slice(b", ");
+                }
+                walk_value(out, element.kind, element.value, canonical)?;
+            }
+            out.push(b']');
+        }
+        0x08 => out.extend_from_slice(if v.first() == Some(&1) {
+            b"true"
+        } else {
+            b"false"
+        }),
+        0x0A => out.extend_from_slice(b"null"),
+        0x07 | 0x09 | 0x11 | 0x10 | 0x12 | 0x01 => match walked_ref(kind, v) {
+            Some(RawBsonRef::ObjectId(oid)) => {
+                let mut object = PyObject::begin(out);
+                write_py_str(object.key("$oid"), &oid.to_hex());
+                object.end();
+            }
+            Some(RawBsonRef::Timestamp(ts)) => write_timestamp(out, ts),
+            Some(RawBsonRef::DateTime(dt)) => write_date(out, dt, canonical),
+            Some(RawBsonRef::Int32(n)) if !canonical => write_int(out, i64::from(n)),
+            Some(RawBsonRef::Int64(n)) if !canonical => write_int(out, n),
+            Some(RawBsonRef::Double(f)) if !canonical && f.is_finite() => write_py_float(out, f),
+            _ => walk_extjson(out, kind, v, canonical)?,
+        },
+        _ => walk_extjson(out, kind, v, canonical)?,
+    }
+    Ok(())
+}
+
+/// [`write_extjson`] of a walked value, read by bson from a one-element copy (rare types).
+fn walk_extjson(out: &mut Vec<u8>, kind: u8, v: &[u8], canonical: bool) -> Result<(), Malformed> {
+    let total = i32::try_from(v.len() + 7).map_err(|_| Malformed)?;
+    let mut bytes = Vec::with_capacity(v.len() + 7);
+    bytes.extend_from_slice(&total.to_le_bytes());
+    bytes.extend_from_slice(&[kind, 0]);
+    bytes.extend_from_slice(v);
+    bytes.push(0);
+    let doc = RawDocument::from_bytes(&bytes).map_err(|_| Malformed)?;
+    let (_, value) = doc.iter().next().ok_or(Malformed)?.map_err(|_| Malformed)?;
+    write_extjson(out, value, canonical).map_err(|_| Malformed)
+}
+
+/// A walked value of a common type as bson's reference to it; `None` for the rare types.
+fn walked_ref(kind: u8, v: &[u8]) -> Option<RawBsonRef<'_>> {
+    let le4 = |v: &[u8]| -> Option<[u8; 4]> { v.get(..4)?.try_into().ok() };
+    Some(match kind {
+        0x02 => RawBsonRef::String(bson_walk::str_value(v).ok()?),
+        0x03 => RawBsonRef::Document(RawDocument::from_bytes(v).ok()?),
+        0x07 => RawBsonRef::ObjectId(bson::oid::ObjectId::from_bytes(v.try_into().ok()?)),
+        0x08 => RawBsonRef::Boolean(v.first() == Some(&1)),
+        0x09 => RawBsonRef::DateTime(bson::DateTime::from_millis(i64::from_le_bytes(
+            bson_walk::le8(v).ok()?,
+        ))),
+        0x0A => RawBsonRef::Null,
+        0x10 => RawBsonRef::Int32(i32::from_le_bytes(le4(v)?)),
+        0x11 => RawBsonRef::Timestamp(bson::Timestamp {
+            increment: u32::from_le_bytes(le4(v)?),
+            time: u32::from_le_bytes(le4(v.get(4..)?)?),
+        }),
+        0x12 => RawBsonRef::Int64(i64::from_le_bytes(bson_walk::le8(v).ok()?)),
+        0x01 => RawBsonRef::Double(f64::from_le_bytes(bson_walk::le8(v).ok()?)),
+        _ => return None,
+    })
 }
 
 /// 9999-12-31T23:59:59.999Z: relaxed Extended JSON writes dates from 1970 to here as text.
@@ -837,9 +981,16 @@ pub(crate) fn short_escape(b: u8) -> Option<&'static [u8]> {
 }
 
 fn write_py_str(out: &mut Vec<u8>, s: &str) {
+    // Known UTF-8: nothing to refuse.
+    let _ = write_py_text(out, s.as_bytes(), true);
+}
+
+/// [`write_py_str`] of a BSON string's bytes, refusing them if they are not UTF-8. `checked`
+/// says they are known to be; otherwise they are checked from the first non-ASCII byte on,
+/// once (a run of ASCII is UTF-8 as it is, and most strings are nothing else).
+fn write_py_text(out: &mut Vec<u8>, bytes: &[u8], mut checked: bool) -> Result<(), Malformed> {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    let bytes = s.as_bytes();
     // Runs of printable ASCII are copied whole: most keys and values are nothing else.
     let mut run = 0;
     let mut i = 0;
@@ -857,7 +1008,21 @@ fn write_py_str(out: &mut Vec<u8>, s: &str) {
             // A control character, DEL or the first byte of a multi-byte character: `i` is
             // on a char boundary, since every byte before it in this loop was ASCII or a
             // whole character.
-            let c = s[i..].chars().next().unwrap_or('\u{fffd}');
+            if b >= 0x80 && !checked {
+                std::str::from_utf8(&bytes[i..]).map_err(|_| Malformed)?;
+                checked = true;
+            }
+            let width = match b {
+                0xf0.. => 4,
+                0xe0.. => 3,
+                0xc0.. => 2,
+                _ => 1,
+            };
+            let c = bytes
+                .get(i..i + width)
+                .and_then(|char| std::str::from_utf8(char).ok())
+                .and_then(|char| char.chars().next())
+                .ok_or(Malformed)?;
             let mut units = [0u16; 2];
             for unit in c.encode_utf16(&mut units) {
                 let u = *unit;
@@ -870,12 +1035,13 @@ fn write_py_str(out: &mut Vec<u8>, s: &str) {
                     HEX[usize::from(u & 0xf)],
                 ]);
             }
-            i += c.len_utf8();
+            i += width;
         }
         run = i;
     }
     out.extend_from_slice(&bytes[run..]);
     out.push(b'"');
+    Ok(())
 }
 
 /// How many leading bytes `json.dumps` writes as they are (printable ASCII but `"` and `\`),
@@ -1484,6 +1650,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The walked writer and bson's iterator write a damaged event the same where both can,
+    /// and the walk never writes one that bson refuses (it would then skip the lenient path).
+    #[test]
+    fn walked_and_bson_writers_agree_on_damaged_events() {
+        let good = RawDocumentBuf::try_from(&every_type())
+            .unwrap()
+            .into_bytes();
+        let mut compared = 0;
+        for at in (0..good.len()).step_by(3) {
+            for byte in [0x00, 0x05, 0x80, 0xff] {
+                let mut bytes = good.clone();
+                bytes[at] = byte;
+                for canonical in [false, true] {
+                    let mut walked = Vec::new();
+                    let walked =
+                        walk_fields(&mut walked, &bytes, canonical, |_, _, _| {}).map(|()| walked);
+                    let bson = RawDocument::from_bytes(&bytes).ok().and_then(|doc| {
+                        let mut out = Vec::new();
+                        write_raw_document(&mut out, doc, canonical)
+                            .ok()
+                            .map(|()| out)
+                    });
+                    match (walked, bson) {
+                        (Ok(walked), Some(bson)) => {
+                            compared += 1;
+                            assert_eq!(walked, bson, "byte {at} = {byte}");
+                        }
+                        (Ok(walked), None) => panic!(
+                            "byte {at} = {byte}: the walk wrote {} but bson refuses",
+                            String::from_utf8_lossy(&walked)
+                        ),
+                        (Err(Malformed), _) => {}
+                    }
+                }
+            }
+        }
+        assert!(compared > 1000, "{compared} compared");
     }
 
     #[test]

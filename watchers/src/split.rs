@@ -191,22 +191,27 @@ fn split_event(doc: &RawDocument) -> Result<Option<Mark>, BrokenSequence> {
     if FINDER.find(doc.as_bytes()).is_none() {
         return Ok(None);
     }
-    // One walk finds the element and where it lies (to take it out of a 1-of-1 event).
-    let mut at = 4;
-    let mut found = None;
-    for element in doc.iter_elements() {
-        let element = element.map_err(|e| broken(format!("`splitEvent` is unreadable: {e}")))?;
-        let key = element.key().as_str();
-        let len = 1 + key.len() + 1 + element.size();
-        if key == SPLIT_EVENT {
-            let value = element
-                .value()
-                .map_err(|e| broken(format!("`splitEvent` is unreadable: {e}")))?;
-            found = Some((value, at..at + len));
-            break;
-        }
-        at += len;
-    }
+    // One walk finds the element and where it lies (to take it out of a 1-of-1 event): the
+    // quick walk where it reads the document and finds a document there, else bson's, which
+    // names what is wrong.
+    let quick = crate::bson_walk::walk(doc.as_bytes())
+        .ok()
+        .and_then(|walk| {
+            for element in walk {
+                let element = element.ok()?;
+                if element.key == SPLIT_EVENT {
+                    let value = RawDocument::from_bytes(element.value).ok();
+                    return value
+                        .filter(|_| element.kind == 0x03)
+                        .map(|d| Some((RawBsonRef::Document(d), element.range)));
+                }
+            }
+            Some(None)
+        });
+    let found = match quick {
+        Some(found) => found,
+        None => bson_split_event(doc)?,
+    };
     let Some((value, range)) = found else {
         return Ok(None);
     };
@@ -240,6 +245,28 @@ fn split_event(doc: &RawDocument) -> Result<Option<Mark>, BrokenSequence> {
         of,
         range,
     }))
+}
+
+/// The `splitEvent` element and its bytes' range, found by bson's iterator.
+fn bson_split_event(
+    doc: &RawDocument,
+) -> Result<Option<(RawBsonRef<'_>, Range<usize>)>, BrokenSequence> {
+    let mut at = 4;
+    let mut found = None;
+    for element in doc.iter_elements() {
+        let element = element.map_err(|e| broken(format!("`splitEvent` is unreadable: {e}")))?;
+        let key = element.key().as_str();
+        let len = 1 + key.len() + 1 + element.size();
+        if key == SPLIT_EVENT {
+            let value = element
+                .value()
+                .map_err(|e| broken(format!("`splitEvent` is unreadable: {e}")))?;
+            found = Some((value, at..at + len));
+            break;
+        }
+        at += len;
+    }
+    Ok(found)
 }
 
 /// A `splitEvent` element: which fragment of how many, and its bytes in the document.
