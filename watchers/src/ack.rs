@@ -115,6 +115,8 @@ pub struct AckTracker {
     frontier: Option<Position>,
     /// Cluster time of the newest event at or behind the frontier.
     frontier_event_time: Option<Timestamp>,
+    /// Events (not markers) the frontier has passed, ever.
+    events_passed: u64,
 }
 
 impl AckTracker {
@@ -188,10 +190,17 @@ impl AckTracker {
             if let Some(entry) = self.entries.pop_front() {
                 if !entry.marker {
                     self.frontier_event_time = entry.position.cluster_time;
+                    self.events_passed += 1;
                 }
                 self.frontier = Some(entry.position);
             }
         }
+    }
+
+    /// How many events (not idle or other markers) the frontier has passed: unchanged while
+    /// the frontier moves only with post-batch tokens.
+    pub fn events_passed(&self) -> u64 {
+        self.events_passed
     }
 
     /// The newest position such that it and everything read before it are acknowledged.

@@ -1122,13 +1122,26 @@ pub struct Checkpointer {
     in_doubt: Vec<Attempt>,
     /// The checkpoint of the last settled write.
     stored: Option<Checkpoint>,
+    /// [`AckTracker::events_passed`] at the last write made here, and when it was made.
+    events_at_write: u64,
+    wrote_at: Option<tokio::time::Instant>,
 }
+
+/// How often a checkpoint is written while its frontier moves only with post-batch tokens
+/// (no event delivered since the last write). On MongoDB an idle stream's token follows the
+/// cluster time, so at `checkpoint_interval` every idle watcher would write each time its
+/// reader waited out a getMore (`reader::MAX_AWAIT`): 500 DynamoDB writes a second for 1,000
+/// idle watchers. Such a write only keeps the resume point fresh within the oplog window
+/// (hours), and resuming from an older idle token re-reads no event.
+pub const IDLE_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A write to make: what the item will hold, and the tracker position it stands for.
 #[derive(Debug, Clone)]
 pub struct Due {
     checkpoint: Checkpoint,
     position: Option<Position>,
+    /// [`AckTracker::events_passed`] when it was taken.
+    events: u64,
 }
 
 /// One write as sent: what the item holds if it was applied.
@@ -1229,7 +1242,26 @@ impl Checkpointer {
         Some(Due {
             checkpoint,
             position: frontier.cloned(),
+            events: tracker.events_passed(),
         })
+    }
+
+    /// [`Self::due`] at a checkpoint tick: as `due`, except that a frontier moved only by
+    /// post-batch tokens since the last write here (no event passed, the same copy progress,
+    /// the same paused flag) waits for [`IDLE_CHECKPOINT_INTERVAL`]. Shutdown and pause
+    /// write at once (`write`).
+    pub fn due_on_tick(&self, tracker: &AckTracker) -> Option<Due> {
+        let snapshot = |p: Option<&Position>| p.and_then(|p| p.snapshot.clone());
+        let idle_only = tracker.events_passed() == self.events_at_write
+            && snapshot(tracker.frontier()) == snapshot(self.last_written.as_ref())
+            && self.paused == self.written_paused
+            && self
+                .wrote_at
+                .is_some_and(|at| at.elapsed() < IDLE_CHECKPOINT_INTERVAL);
+        if idle_only {
+            return None;
+        }
+        self.due(tracker, false)
     }
 
     /// Writes what [`Self::due`] returned; see [`Self::write`].
@@ -1242,12 +1274,15 @@ impl Checkpointer {
         let Due {
             checkpoint,
             position,
+            events,
         } = due;
         let frontier = position.as_ref();
         let mut saved = self.save(store, watcher, &checkpoint, frontier).await?;
         if saved == Saved::Adopted {
             if self.last_written.as_ref() == frontier && self.written_paused == checkpoint.paused {
                 // The earlier write already holds what this one would store.
+                self.events_at_write = events;
+                self.wrote_at = Some(tokio::time::Instant::now());
                 return Ok(true);
             }
             // Once more on top of it; no earlier write is in doubt any more, so this cannot
@@ -1267,6 +1302,8 @@ impl Checkpointer {
             "checkpoint written"
         );
         self.settle(revision, frontier.cloned(), checkpoint);
+        self.events_at_write = events;
+        self.wrote_at = Some(tokio::time::Instant::now());
         Ok(true)
     }
 

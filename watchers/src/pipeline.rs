@@ -845,7 +845,7 @@ impl<S: RecordSink> Pipeline<S> {
                 _ = tick.tick() => {
                     self.publish();
                     if let (Some(store), None) = (store, writing.as_ref()) {
-                        if let Some(due) = cp.due(&self.tracker, false) {
+                        if let Some(due) = cp.due_on_tick(&self.tracker) {
                             let mut owned = std::mem::take(cp);
                             let name = self.spec.name.clone();
                             writing = Some(Box::pin(async move {

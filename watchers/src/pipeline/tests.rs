@@ -702,6 +702,53 @@ async fn the_checkpoint_is_written_each_interval_while_the_frontier_moves() {
     run.stop().await.0.unwrap();
 }
 
+/// On MongoDB an idle stream's post-batch token follows the cluster time: it moves at every
+/// getMore. Such moves are written once per `IDLE_CHECKPOINT_INTERVAL`, not every interval;
+/// a delivered event is written at the next tick as before. (The final write at shutdown is
+/// `Checkpointer::write`, outside the loop, which writes any move.)
+#[tokio::test(start_paused = true)]
+async fn idle_token_moves_are_checkpointed_once_a_minute_events_at_once() {
+    let store = MemoryStore::default();
+    let mut run = Run::start_silent(
+        spec(BatchSettings {
+            linger: ms(1),
+            ..batch()
+        }),
+        FakeSink::accept_all(),
+        Some(store.clone()),
+    );
+    let start = Instant::now();
+    let idle_token = |i: u32| Bson::Document(doc! {"_data": format!("idle{i:04}")});
+    // 90 s of an idle stream whose token moves every 2 s.
+    for i in 0..45 {
+        run.events
+            .send(Ok(ReaderMsg::Idle(Some(idle_token(i)))))
+            .await
+            .unwrap();
+        tokio::time::sleep(ms(2000)).await;
+    }
+    let times = |store: &MemoryStore| -> Vec<Duration> {
+        store
+            .saves
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, _)| *at - start)
+            .collect()
+    };
+    // The first position at the first tick, the next a minute later: 2 writes, not 45.
+    assert_eq!(times(&store), [ms(1000), ms(61_000)]);
+    run.insert("a").await;
+    tokio::time::sleep(ms(1500)).await;
+    let saves = store.saves.lock().unwrap().clone();
+    assert_eq!(saves.len(), 3, "the event is written at the next tick");
+    assert_eq!(
+        saves[2].1.token,
+        Some(Bson::Document(doc! {"_data": "00000001"}))
+    );
+    run.stop().await.0.unwrap();
+}
+
 /// A checkpoint write that takes seconds (a slow DynamoDB, up to the write timeout and a
 /// read-back) runs beside the loop: events read meanwhile are sent at once, the stream is not
 /// taken for silent, and the next write, after it returns, stores the newest frontier.
