@@ -13,7 +13,8 @@
 use std::ops::Range;
 
 /// The walk could not read the document; bson's iterator is the judge of why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the quick BSON walk cannot read this document (bson's own reader says why)")]
 pub struct Malformed;
 
 /// One element of a document: its type byte, key and value bytes.
