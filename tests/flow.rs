@@ -1,5 +1,6 @@
 //! Flow control end to end, against SecantusDB, moto and the Kinesis fault-injection proxy:
-//! a throttled key does not hold back the others, memory stays bounded in bytes while Kinesis
+//! a throttled key does not hold back the others, a failed call comes back to the watcher
+//! (no hidden SDK retries), memory stays bounded per watcher and for the process in bytes while Kinesis
 //! is down, and a shutdown whose drain cannot finish says so in its exit code.
 
 mod support;
@@ -134,6 +135,55 @@ async fn a_throttled_key_does_not_hold_back_the_others() {
         .collect();
     assert_eq!(ops, ["insert", "update"], "key 1 in order");
     assert_eq!(ids_of(&records).len(), 42, "each record exactly once");
+}
+
+/// A PutRecords call that fails whole (a server error, a throttled call) comes back to the
+/// watcher at once: the SDK does not retry it out of sight (its backoff starts at 1 s), the
+/// watcher retries the records itself within its send limit. So every call Kinesis failed is
+/// counted by the watcher under its error code, and each document arrives once when calls
+/// succeed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failed_call_comes_back_to_the_watcher() {
+    let e = Env::new(1).await;
+    let cfg = e.config("", "    full_document: off\n    retry_max_backoff: 500ms\n");
+    let coll = e.coll().await;
+    let _w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
+    wait_http(e.port, "/readyz", WAIT, |r| r.status == 200);
+    let mut failed_before = 0;
+    for (round, (status, code)) in [
+        (500, "InternalFailure"),
+        (400, "ProvisionedThroughputExceededException"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        e.proxy
+            .rules(json!({"fail_call_rate": 1.0, "fail_call_status": status}));
+        let ids: Vec<i64> = (0..3).map(|i| round as i64 * 10 + i).collect();
+        insert_ids(&coll, ids.clone()).await;
+        let deadline = Instant::now() + WAIT;
+        while e.proxy.stats()["calls_failed"].as_u64().unwrap_or(0) < failed_before + 4 {
+            assert!(Instant::now() < deadline, "{}", e.proxy.stats());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The rules replaced, the counts kept: calls go through again.
+        e.proxy.rules(json!({}));
+        e.aws.wait_for_ids(&e.stream, &ids, WAIT).await;
+        let failed = e.proxy.stats()["calls_failed"].as_u64().unwrap_or(0);
+        let seen = metric(
+            e.port,
+            &format!("mongo_watcher_put_calls_failed_total{{error_code=\"{code}\",watcher=\"w\"}}"),
+        );
+        assert_eq!(
+            seen,
+            Some((failed - failed_before) as f64),
+            "calls the proxy failed with {status} {code} and calls the watcher saw fail"
+        );
+        failed_before = failed;
+    }
+    let records = e.aws.read_stream(&e.stream).await;
+    assert_eq!(ids_of(&records).len(), 6, "each document once");
+    assert_eq!(records.len(), 6, "no duplicates");
 }
 
 /// Kinesis down while 200 KB documents keep coming: reading stops at the watcher's byte bound,

@@ -75,7 +75,8 @@ impl KinesisSink {
     /// and given to the SDK before it signs the request: the SDK's own serializer would need
     /// each record's data copied into a `Blob` and its key into a `String` per call, then
     /// base64 into a `String` per record. The SDK still resolves the endpoint (from the
-    /// stream name, as the input carries it), signs, sends, retries and reads the answer.
+    /// stream name, as the input carries it), signs, sends and reads the answer; it does not
+    /// retry ([`no_retries`]).
     pub async fn put(&self, records: &[PendingRecord]) -> Result<Vec<RecordResult>, CallError> {
         let body = bytes::Bytes::from(put_records_body(&self.stream, records));
         let call = self
@@ -84,6 +85,7 @@ impl KinesisSink {
             .stream_name(&self.stream)
             .set_records(Some(Vec::new()))
             .customize()
+            .config_override(no_retries())
             .mutate_request(move |request| {
                 let length = body.len();
                 *request.body_mut() = SdkBody::from(body.clone());
@@ -96,6 +98,15 @@ impl KinesisSink {
             Err(err) => Err(classify(&self.stream, err)),
         }
     }
+}
+
+/// SDK settings for PutRecords: no retries. A failed call comes back to the pipeline at
+/// once, which retries its records by their own delays and halves its send limit
+/// (`crate::flow`). The SDK's standard retries would hold the call for up to 1 s, then 2 s
+/// (its backoff starts at 1 s), out of sight of that limit, the metrics and the status.
+fn no_retries() -> aws_sdk_kinesis::config::Builder {
+    aws_sdk_kinesis::Config::builder()
+        .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled())
 }
 
 /// The JSON body of a PutRecords call of `records` to `stream`, as the SDK's serializer
@@ -284,6 +295,7 @@ mod tests {
             .stream_name("orders \"eu\"")
             .set_records(Some(entries))
             .customize()
+            .config_override(no_retries())
             .mutate_request(move |request| {
                 let bytes = request.body().bytes().unwrap().to_vec();
                 *sink.lock().unwrap() = bytes;
