@@ -402,41 +402,101 @@ async fn ssm_password_against_scram_auth() {
 
 // ---- Issue 7, item 6: a checkpoint write with an unknown outcome must not stop a watcher ----
 
+/// One watcher `w` (collection `db.c`, a 1-shard stream) with a checkpoint table, its AWS
+/// calls through the fault-injection proxy (which sees Kinesis and DynamoDB alike).
+struct CheckpointSetup {
+    mongo: Mongo,
+    proxy: Proxy,
+    aws: Aws,
+    dir: tempfile::TempDir,
+    table: String,
+    stream: String,
+    port: u16,
+    _moto: Moto,
+}
+
+impl CheckpointSetup {
+    async fn new() -> Self {
+        let mongo = Mongo::start();
+        let moto = Moto::start();
+        let proxy = Proxy::start(&moto);
+        let aws = Aws::new(&moto).await;
+        let table = unique("cps");
+        aws.create_checkpoint_table(&table).await;
+        let stream = unique("s");
+        aws.create_stream(&stream, 1).await;
+        Self {
+            mongo,
+            proxy,
+            aws,
+            dir: tempfile::tempdir().unwrap(),
+            table,
+            stream,
+            port: free_port(),
+            _moto: moto,
+        }
+    }
+
+    /// Starts the watcher and waits until it is `running`.
+    fn start(&self) -> Watcher {
+        let cfg = config_yaml(
+            &self.mongo,
+            Some(&self.table),
+            &[watcher_yaml("w", "db", "c", &self.stream, "")],
+        )
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{}", self.port));
+        let w = Watcher::start(self.dir.path(), &cfg, &self.proxy.endpoint());
+        wait_http(self.port, "/watchers/w", WAIT, |r| {
+            r.status == 200 && r.json()["state"] == "running"
+        });
+        w
+    }
+
+    fn state(&self) -> serde_json::Value {
+        request(self.port, "GET", "/watchers/w", None, "").json()["state"].clone()
+    }
+
+    async fn coll(&self) -> mongodb::Collection<Document> {
+        self.mongo
+            .client()
+            .await
+            .database("db")
+            .collection::<Document>("c")
+    }
+
+    /// Another process takes the watcher's item over: a revision the watcher never wrote.
+    async fn second_writer(&self, revision: u64) {
+        use aws_sdk_dynamodb::types::AttributeValue;
+        self.aws
+            .dynamodb
+            .put_item()
+            .table_name(&self.table)
+            .item("watcher", AttributeValue::S("w".into()))
+            .item(
+                "resume_token",
+                AttributeValue::S(r#"{"_data": "00"}"#.into()),
+            )
+            .item("paused", AttributeValue::Bool(false))
+            .item("revision", AttributeValue::N(revision.to_string()))
+            .send()
+            .await
+            .expect("second writer");
+    }
+}
+
 /// A checkpoint PutItem that DynamoDB applies but whose answer never reaches the watcher
 /// (withheld past the 5 s write timeout, or the connection dropped) is settled by reading the
 /// item back: the watcher stays `running`, keeps delivering, and its checkpoint keeps moving.
 /// Before the fix the next write failed its revision check against the watcher's own write
 /// ("is a second instance running?") and the watcher went to `failed`.
 async fn checkpoint_write_with_unknown_outcome(then: &str, hold_ms: u64) {
-    let mongo = Mongo::start();
-    let moto = Moto::start();
-    // mongo-watcher uses one endpoint for Kinesis and DynamoDB: the proxy sees both.
-    let proxy = Proxy::start(&moto);
-    let aws = Aws::new(&moto).await;
-    let dir = tempfile::tempdir().unwrap();
-    let table = unique("cps");
-    aws.create_checkpoint_table(&table).await;
-    let s = unique("s");
-    aws.create_stream(&s, 1).await;
-    let port = free_port();
-    let cfg = config_yaml(
-        &mongo,
-        Some(&table),
-        &[watcher_yaml("w", "db", "c", &s, "")],
-    )
-    .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let w = Watcher::start(dir.path(), &cfg, &proxy.endpoint());
-    let state = || request(port, "GET", "/watchers/w", None, "").json()["state"].clone();
-    wait_http(port, "/watchers/w", WAIT, |r| {
-        r.status == 200 && r.json()["state"] == "running"
-    });
-    let c = mongo
-        .client()
-        .await
-        .database("db")
-        .collection::<Document>("c");
+    let e = CheckpointSetup::new().await;
+    let (proxy, aws, table, s) = (&e.proxy, &e.aws, &e.table, &e.stream);
+    let w = e.start();
+    let state = || e.state();
+    let c = e.coll().await;
     insert_ids(&c, 1..=3).await;
-    aws.wait_for_records(&s, WAIT, |r| has_all(r, &[1, 2, 3]))
+    aws.wait_for_records(s, WAIT, |r| has_all(r, &[1, 2, 3]))
         .await;
 
     proxy.rules(serde_json::json!({"dynamo_hold": {
@@ -467,19 +527,19 @@ async fn checkpoint_write_with_unknown_outcome(then: &str, hold_ms: u64) {
         "running",
         "a checkpoint write with an unknown outcome stopped the watcher"
     );
-    let settled_at = revision(&aws.checkpoint(&table, "w").await.expect("checkpoint"));
+    let settled_at = revision(&aws.checkpoint(table, "w").await.expect("checkpoint"));
 
     // It keeps delivering, and its checkpoint keeps moving past the write that was in doubt.
     insert_ids(&c, 7..=9).await;
-    aws.wait_for_records(&s, WAIT, |r| has_all(r, &[4, 5, 6, 7, 8, 9]))
+    aws.wait_for_records(s, WAIT, |r| has_all(r, &[4, 5, 6, 7, 8, 9]))
         .await;
-    let before = token_text(&aws.checkpoint(&table, "w").await.expect("checkpoint"));
+    let before = token_text(&aws.checkpoint(table, "w").await.expect("checkpoint"));
     insert_ids(&c, 10..=12).await;
-    aws.wait_for_checkpoint(&table, "w", WAIT, |i| {
+    aws.wait_for_checkpoint(table, "w", WAIT, |i| {
         revision(i) > settled_at + 1 && token_text(i) != before
     })
     .await;
-    aws.wait_for_records(&s, WAIT, |r| has_all(r, &[10, 11, 12]))
+    aws.wait_for_records(s, WAIT, |r| has_all(r, &[10, 11, 12]))
         .await;
     assert_eq!(state(), "running");
     assert!(
@@ -507,52 +567,68 @@ async fn checkpoint_write_whose_connection_drops_keeps_the_watcher_running() {
 /// what this watcher itself wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_checkpoint_writer_still_fails_the_watcher() {
-    use aws_sdk_dynamodb::types::AttributeValue;
-    let mongo = Mongo::start();
-    let moto = Moto::start();
-    let aws = Aws::new(&moto).await;
-    let dir = tempfile::tempdir().unwrap();
-    let table = unique("cps");
-    aws.create_checkpoint_table(&table).await;
-    let s = unique("s");
-    aws.create_stream(&s, 1).await;
-    let port = free_port();
-    let cfg = config_yaml(
-        &mongo,
-        Some(&table),
-        &[watcher_yaml("w", "db", "c", &s, "")],
-    )
-    .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let w = Watcher::start(dir.path(), &cfg, &moto.endpoint());
-    wait_http(port, "/watchers/w", WAIT, |r| {
-        r.status == 200 && r.json()["state"] == "running"
+    let e = CheckpointSetup::new().await;
+    let w = e.start();
+    let item = e
+        .aws
+        .wait_for_checkpoint(&e.table, "w", WAIT, |_| true)
+        .await;
+    e.second_writer(revision(&item) + 50).await;
+    insert_ids(&e.coll().await, 1..=3).await;
+    wait_http(e.port, "/watchers/w", WAIT, |r| {
+        r.json()["state"] == "failed"
     });
-    let item = aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
-    // Another process takes the item over: a revision the watcher never wrote.
-    aws.dynamodb
-        .put_item()
-        .table_name(&table)
-        .item("watcher", AttributeValue::S("w".into()))
-        .item(
-            "resume_token",
-            AttributeValue::S(r#"{"_data": "00"}"#.into()),
-        )
-        .item("paused", AttributeValue::Bool(false))
-        .item(
-            "revision",
-            AttributeValue::N((revision(&item) + 50).to_string()),
-        )
-        .send()
-        .await
-        .expect("second writer");
-    let c = mongo
-        .client()
-        .await
-        .database("db")
-        .collection::<Document>("c");
-    insert_ids(&c, 1..=3).await;
-    wait_http(port, "/watchers/w", WAIT, |r| r.json()["state"] == "failed");
     assert!(w.logs().contains("is a second instance running?"));
+}
+
+/// A write in doubt whose read-back finds another writer's item is a conflict: the
+/// reconciliation accepts only the token and revision this watcher wrote. The watcher's
+/// checkpoint PutItem is applied but its answer held past the write timeout; meanwhile a
+/// second writer takes the item over, so the read-back sees a revision the watcher never
+/// wrote, and the watcher stops (`failed`, "second instance") instead of writing on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_seen_by_the_read_back_fails_the_watcher() {
+    let e = CheckpointSetup::new().await;
+    let (aws, table) = (&e.aws, &e.table);
+    let w = e.start();
+    let c = e.coll().await;
+    insert_ids(&c, 1..=3).await;
+    aws.wait_for_records(&e.stream, WAIT, |r| has_all(r, &[1, 2, 3]))
+        .await;
+    let before = revision(&aws.wait_for_checkpoint(table, "w", WAIT, |_| true).await);
+
+    e.proxy.rules(serde_json::json!({"dynamo_hold": {
+        "target": "PutItem", "count": 1, "hold_ms": 6000, "then": "answer",
+    }}));
+    insert_ids(&c, 4..=6).await;
+    // The held write is applied (its answer withheld): the item moves past `before`.
+    let applied = revision(
+        &aws.wait_for_checkpoint(table, "w", WAIT, |i| revision(i) > before)
+            .await,
+    );
+    assert_eq!(e.proxy.stats()["dynamo_held"], 1, "{}", e.proxy.stats());
+    // Before the watcher's write times out (5 s) and it reads the item back, another
+    // process takes the item over.
+    e.second_writer(applied + 50).await;
+    let shown = wait_http(e.port, "/watchers/w", WAIT, |r| {
+        r.json()["state"] == "failed"
+    })
+    .json();
+    assert!(
+        w.logs().contains("is a second instance running?"),
+        "{shown}\n{}",
+        w.logs()
+    );
+    assert!(
+        !w.logs().contains("checkpoint write confirmed by read-back"),
+        "the read-back accepted another writer's item"
+    );
+    let item = aws.checkpoint(table, "w").await.expect("checkpoint");
+    assert_eq!(
+        revision(&item),
+        applied + 50,
+        "the watcher wrote over the second writer"
+    );
 }
 
 /// The checkpoint table deleted mid-run: delivery goes on, the watcher shows `backing_off`

@@ -1,7 +1,7 @@
 //! Flow control end to end, against SecantusDB, moto and the Kinesis fault-injection proxy:
 //! a throttled key does not hold back the others, a failed call comes back to the watcher
-//! (no hidden SDK retries), memory stays bounded per watcher and for the process in bytes while Kinesis
-//! is down, and a shutdown whose drain cannot finish says so in its exit code.
+//! (no hidden SDK retries), memory stays bounded in bytes per watcher and for the whole process
+//! while Kinesis is down, and a shutdown whose drain cannot finish says so in its exit code.
 
 mod support;
 
@@ -250,6 +250,72 @@ async fn memory_stays_bounded_in_bytes_while_kinesis_is_down() {
         .wait_for_ids(&e.stream, &ids, Duration::from_secs(120))
         .await;
     assert_eq!(ids_of(&records).len(), DOCS as usize, "each document once");
+}
+
+/// The process-wide bound binds across watchers: two watchers, each allowed 4 MiB, share a
+/// process bound of 4 MiB, so while Kinesis is down and large documents reach both, the bytes
+/// both hold stay under 4 MiB together; everything arrives once Kinesis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_byte_bound_is_shared_by_all_watchers() {
+    const DOCS: i64 = 60;
+    const DOC_BYTES: usize = 200 * 1024;
+    const BOUND: f64 = 4.0 * 1024.0 * 1024.0;
+    let e = Env::new(1).await;
+    let extra = "    full_document: off\n    max_pending_bytes: 4MiB\n";
+    let cfg = format!(
+        "limits:\n  max_pending_bytes: 4MiB\n{}",
+        config_yaml(
+            &e.mongo,
+            None,
+            &[
+                watcher_yaml("w1", "db", "c1", &e.stream, extra),
+                watcher_yaml("w2", "db", "c2", &e.stream, extra),
+            ],
+        )
+    )
+    .replace("127.0.0.1:0", &format!("127.0.0.1:{}", e.port));
+    let client = e.mongo.client().await;
+    let colls = ["c1", "c2"].map(|c| client.database("db").collection::<Document>(c));
+    e.proxy.rules(json!({"fail_call_rate": 1.0}));
+    let _w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
+    wait_http(e.port, "/readyz", WAIT, |r| r.status == 200);
+    let filler = "x".repeat(DOC_BYTES);
+    let pending = |w: &str| {
+        metric(
+            e.port,
+            &format!("mongo_watcher_pending_bytes{{watcher=\"{w}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let mut peak = 0.0f64;
+    for chunk in 0..(DOCS / 10) {
+        for (k, coll) in colls.iter().enumerate() {
+            let docs: Vec<Document> = (0..10)
+                .map(|i| doc! {"_id": k as i64 * 1000 + chunk * 10 + i, "blob": &filler})
+                .collect();
+            coll.insert_many(docs).await.unwrap();
+        }
+        peak = peak.max(pending("w1") + pending("w2"));
+    }
+    // Nothing is acknowledged while Kinesis is down, so what each holds only grows: the sum
+    // of two readings is never above what both held at the second.
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak = peak.max(pending("w1") + pending("w2"));
+    }
+    assert!(
+        peak > 0.0 && peak <= BOUND + 2.0 * DOC_BYTES as f64,
+        "the two watchers held {peak} bytes together against a process bound of {BOUND}"
+    );
+    e.proxy.reset();
+    let ids: Vec<i64> = (0..2)
+        .flat_map(|k| (0..DOCS).map(move |i| k * 1000 + i))
+        .collect();
+    let records = e
+        .aws
+        .wait_for_ids(&e.stream, &ids, Duration::from_secs(120))
+        .await;
+    assert_eq!(ids_of(&records).len(), ids.len(), "each document once");
 }
 
 /// SIGTERM while Kinesis fails every call: the drain gives up at its deadline, the process
