@@ -2,8 +2,8 @@
 //! one endpoint): an event over the stream's record limit is written whole to S3 and a small
 //! pointer record takes its place in the stream, in order with the events of its key; the
 //! event is checkpointed only once the object is written and the pointer acknowledged, so an
-//! S3 outage holds the watcher (`backing_off`, nothing read after the event overtakes it) and
-//! a kill -9 loses nothing.
+//! S3 outage holds the watcher (`backing_off`, nothing read after the event overtakes it), an
+//! IAM refusal of `s3:PutObject` is named as such, and a kill -9 loses nothing.
 
 mod support;
 
@@ -293,6 +293,81 @@ async fn an_s3_failure_holds_the_watcher_backing_off_then_delivers_without_loss(
             .is_some_and(|m| m.contains("NoSuchBucket")),
         "{w}"
     );
+}
+
+/// IAM refusing `s3:PutObject` (S3's 403 `AccessDenied`, injected by the proxy in front of
+/// moto) holds the watcher `backing_off` at once, with a reason that names the permission and
+/// the bucket; nothing read after the event overtakes it; once the permission is granted the
+/// event goes to S3 and its pointer to the stream, and the watcher is `running` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_access_denied_names_the_permission_then_delivers_once_granted() {
+    let mongo = Mongo::start();
+    let moto = Moto::start();
+    let proxy = Proxy::start(&moto);
+    let aws = Aws::new(&moto).await;
+    let s3 = S3::new(&moto).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (table, stream, bucket) = (unique("cps"), unique("s"), unique("claims"));
+    aws.create_checkpoint_table(&table).await;
+    aws.create_stream(&stream, 1).await;
+    s3.create_bucket(&bucket).await;
+    proxy.rules(serde_json::json!({"access_denied": ["PutObject"]}));
+    let port = free_port();
+    let _w = Watcher::start(
+        dir.path(),
+        &config(&mongo, &table, &stream, &bucket, port),
+        &proxy.endpoint(),
+    );
+    wait_http(port, "/readyz", WAIT, |r| r.status == 200);
+
+    let c = mongo
+        .client()
+        .await
+        .database("db")
+        .collection::<Document>("c");
+    c.insert_one(doc! {"_id": 1_i64, "v": 0_i64}).await.unwrap();
+    c.insert_one(doc! {"_id": 2_i64, "blob": "x".repeat(BIG)})
+        .await
+        .unwrap();
+    c.insert_one(doc! {"_id": 3_i64, "v": 0_i64}).await.unwrap();
+
+    let shown = wait_http(port, "/watchers/w", WAIT, |r| {
+        r.status == 200 && r.json()["state"] == "backing_off"
+    })
+    .json();
+    let reason = shown["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("access denied")
+            && reason.contains("s3:PutObject")
+            && reason.contains(&format!("S3 bucket `{bucket}`")),
+        "{shown}"
+    );
+    let r = request(port, "GET", "/readyz", None, "");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(proxy.stats()["access_denied"].as_u64() >= Some(1));
+    // Held a while: the event before it is delivered, nothing from it on is.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let recs = aws
+        .wait_for_records(&stream, WAIT, |r| has_all(r, &[1]))
+        .await;
+    assert_eq!(
+        ids_of(&recs),
+        [1],
+        "nothing read after the held event overtakes it"
+    );
+
+    // The permission granted: the same event goes to S3, its pointer in order.
+    proxy.rules(serde_json::json!({}));
+    let recs = aws
+        .wait_for_records(&stream, WAIT, |r| has_all(r, &[1, 2, 3]))
+        .await;
+    assert_eq!(ids_of(&recs), [1, 2, 3], "each once, in order");
+    let twos = of_key(&recs, "2");
+    assert!(is_pointer(twos[0]), "the oversized event became a pointer");
+    check_object(&s3, &bucket, twos[0]).await;
+    wait_http(port, "/watchers/w", WAIT, |r| {
+        r.json()["state"] == "running"
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,7 +63,10 @@ Rules (defaults shown):
                            defaults to 0, then to "answer".
   access_denied     []     ["PutRecords", "GetItem", ...]: every call whose
                            X-Amz-Target operation is listed (any service:
-                           Kinesis, DynamoDB, SSM GetParameter) is answered
+                           Kinesis, DynamoDB, SSM GetParameter; and S3's
+                           "PutObject", a path-style PUT /bucket/key, which
+                           is answered 403 with S3's XML error, code
+                           AccessDenied) is answered
                            as IAM refuses it, without reaching the upstream:
                            HTTP 400, {"__type": "AccessDeniedException",
                            "message": "User: ... is not authorized to perform:
@@ -79,6 +82,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import html
 import json
 import random
 import select
@@ -549,15 +553,39 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._relay(*res)
 
     # ---------------------------------------------------------- access_denied
+    def _s3_put_object(self) -> str | None:
+        """`bucket/key` when the request is S3's PutObject in path style (`PUT /bucket/key`,
+        no `X-Amz-Target`, not a copy); None otherwise."""
+        if self.command != "PUT" or "X-Amz-Target" in self.headers \
+                or "x-amz-copy-source" in self.headers:
+            return None
+        path = urllib.parse.urlsplit(self.path).path
+        bucket, _, key = path.lstrip("/").partition("/")
+        return f"{bucket}/{key}" if bucket and key else None
+
     def _deny(self, target: str, body: bytes | None) -> bool:
         """Answers the call as IAM refuses it when the access_denied rule names its operation."""
-        op = target.rsplit(".", 1)[-1]
+        s3_object = self._s3_put_object() if not target else None
+        op = "PutObject" if s3_object else target.rsplit(".", 1)[-1]
         st = self.state
         with st.lock:
             if not op or op not in st.rules["access_denied"]:
                 return False
             st.stats["access_denied"] += 1
-        vlog(f"{target}: access denied (injected)")
+        vlog(f"{target or 'S3 PutObject ' + str(s3_object)}: access denied (injected)")
+        if s3_object:
+            # S3 answers 403 with an XML error, code `AccessDenied` (no suffix).
+            message = (f"User: arn:aws:sts::123456789012:assumed-role/mongo-watcher-task/injected "
+                       f"is not authorized to perform: s3:PutObject on resource: "
+                       f"\"arn:aws:s3:::{s3_object}\" because no identity-based policy allows "
+                       f"the s3:PutObject action")
+            request_id = uuid.uuid4().hex[:16].upper()
+            xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                   f"<Message>{html.escape(message)}</Message><RequestId>{request_id}</RequestId>"
+                   f"</Error>").encode()
+            self._send(403, [("Content-Type", "application/xml"),
+                             ("x-amz-request-id", request_id)], xml)
+            return True
         self._send_aws_error(400, "AccessDeniedException", access_denied_message(target, body))
         return True
 

@@ -581,6 +581,27 @@ def run_access_denied(env: Env) -> None:
     db.put_item(TableName="cps-ad", Item={"watcher": {"S": "w"}})
     check(ssm.get_parameter(Name="/ad/pw", WithDecryption=True)["Parameter"]["Value"] == "s3cret",
           "cleared: PutItem and GetParameter pass")
+    # S3's PutObject (path style, as mongo-watcher addresses S3 under an endpoint override):
+    # 403 with S3's XML error, code AccessDenied; nothing stored; other S3 calls pass.
+    s3 = boto3.client(
+        "s3", endpoint_url=env.base, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+        config=Config(retries={"total_max_attempts": 1, "mode": "standard"},
+                      s3={"addressing_style": "path"}))
+    s3.create_bucket(Bucket="claims-ad")
+    env.rules(access_denied=["PutObject"])
+    before = env.stats()["access_denied"]
+    r = refused(lambda: s3.put_object(Bucket="claims-ad", Key="k/1", Body=b"x"))
+    check(r["status"] == 403 and r["code"] == "AccessDenied"
+          and "s3:PutObject" in r["message"] and "arn:aws:s3:::claims-ad/k/1" in r["message"],
+          "PutObject refused: 403 AccessDenied naming the action and the object")
+    check(s3.list_objects_v2(Bucket="claims-ad").get("KeyCount") == 0,
+          "the refused PutObject stored nothing; ListObjects passes")
+    check(env.stats()["access_denied"] == before + 1, "the refusal counted")
+    env.rules(access_denied=[])
+    s3.put_object(Bucket="claims-ad", Key="k/1", Body=b"x")
+    check(s3.get_object(Bucket="claims-ad", Key="k/1")["Body"].read() == b"x",
+          "cleared: PutObject passes")
     env.rules(access_denied=["GetItem"])
     env.reset()
     check(env.ctl("GET", "/_proxy/rules")[1]["access_denied"] == []
