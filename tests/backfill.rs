@@ -59,6 +59,7 @@ async fn an_on_demand_snapshot_copies_what_the_filter_matches_while_the_stream_g
         dir,
         table,
         stream,
+        ..
     } = Env::start("backfill", 2).await;
     let client = mongo.client().await;
     let coll = client.database("shop").collection::<Document>("items");

@@ -11,41 +11,13 @@ use support::*;
 
 const TOKEN: &str = "test-token-5521";
 
-struct Setup {
-    mongo: Mongo,
-    moto: Moto,
-    aws: Aws,
-    table: String,
-    stream: String,
-    port: u16,
-    dir: tempfile::TempDir,
+/// The fixtures' [`Env`] on `mongo`: a 2-shard stream and a checkpoint table.
+async fn setup(mongo: Mongo) -> Env {
+    Env::with_mongo(mongo, "s", 2).await
 }
 
-impl Setup {
-    async fn new(mongo: Mongo) -> Self {
-        let moto = Moto::start();
-        let aws = Aws::new(&moto).await;
-        let table = unique("cps");
-        aws.create_checkpoint_table(&table).await;
-        let stream = unique("s");
-        aws.create_stream(&stream, 2).await;
-        Self {
-            mongo,
-            moto,
-            aws,
-            table,
-            stream,
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn config(&self, watchers: &[String]) -> String {
-        config_yaml(&self.mongo, Some(&self.table), watchers)
-            .replace("127.0.0.1:0", &format!("127.0.0.1:{}", self.port))
-    }
-
-    fn start(&self, watchers: &[String], token: Option<&str>) -> Watcher {
+impl Env {
+    fn run(&self, watchers: &[String], token: Option<&str>) -> Watcher {
         let mut env = vec![];
         if let Some(t) = token {
             env.push(("MONGO_WATCHER_API_TOKEN", t));
@@ -63,25 +35,13 @@ impl Setup {
     fn post(&self, path: &str, token: Option<&str>, body: &str) -> Response {
         request(self.port, "POST", path, token, body)
     }
-
-    fn state(&self, name: &str) -> serde_json::Value {
-        request(self.port, "GET", &format!("/watchers/{name}"), None, "").json()
-    }
-
-    async fn coll(&self) -> mongodb::Collection<Document> {
-        self.mongo
-            .client()
-            .await
-            .database("db")
-            .collection::<Document>("c")
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_writes_survives_restart_and_resume_delivers_them() {
-    let s = Setup::new(Mongo::start()).await;
+    let s = setup(Mongo::start()).await;
     let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
-    let mut w = s.start(&watchers, Some(TOKEN));
+    let mut w = s.run(&watchers, Some(TOKEN));
     let coll = s.coll().await;
     insert_ids(&coll, [1]).await;
     s.aws
@@ -137,9 +97,9 @@ async fn pause_holds_writes_survives_restart_and_resume_delivers_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewind_replays_from_a_time_skips_to_latest_and_refuses_bad_targets() {
-    let s = Setup::new(Mongo::start()).await;
+    let s = setup(Mongo::start()).await;
     let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
-    let _w = s.start(&watchers, Some(TOKEN));
+    let _w = s.run(&watchers, Some(TOKEN));
     let coll = s.coll().await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let before = bson::DateTime::from_millis(bson::DateTime::now().timestamp_millis() - 1000)
@@ -191,7 +151,7 @@ async fn rewind_replays_from_a_time_skips_to_latest_and_refuses_bad_targets() {
     let latest = json!({"to": "latest"}).to_string();
     let r = s.post("/watchers/w/rewind", Some(TOKEN), &latest);
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(s.state("w")["state"], "paused");
+    assert_eq!(s.view("w")["state"], "paused");
     assert_eq!(s.post("/watchers/w/resume", Some(TOKEN), "").status, 200);
     insert_ids(&coll, [7]).await;
     let recs = s
@@ -207,7 +167,7 @@ async fn rewind_replays_from_a_time_skips_to_latest_and_refuses_bad_targets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_reports_history_lost_until_a_rewind_recovers_it() {
-    let s = Setup::new(Mongo::start_with(&["--oplog-max-entries", "10"])).await;
+    let s = setup(Mongo::start_with(&["--oplog-max-entries", "10"])).await;
     let client = s.mongo.client().await;
     let coll = s.coll().await;
     let mut stream = coll.watch().await.unwrap();
@@ -271,17 +231,17 @@ async fn readyz_reports_history_lost_until_a_rewind_recovers_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_auth_changes_nothing() {
-    let s = Setup::new(Mongo::start()).await;
+    let s = setup(Mongo::start()).await;
     let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
     // Without a token configured, mutations are refused with a hint.
-    let mut w = s.start(&watchers, None);
+    let mut w = s.run(&watchers, None);
     let r = s.post("/watchers/w/pause", None, "");
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("MONGO_WATCHER_API_TOKEN"));
-    assert_eq!(s.state("w")["state"], "running");
+    assert_eq!(s.view("w")["state"], "running");
     w.terminate();
 
-    let mut w = s.start(&watchers, Some(TOKEN));
+    let mut w = s.run(&watchers, Some(TOKEN));
     for token in [None, Some("wrong"), Some("test-token-552")] {
         let r = s.post("/watchers/w/pause", token, "");
         assert_eq!(r.status, 401, "{token:?}: {}", r.body);
@@ -298,7 +258,7 @@ async fn failed_auth_changes_nothing() {
         );
         assert_eq!(r.status, 401);
     }
-    assert_eq!(s.state("w")["state"], "running");
+    assert_eq!(s.view("w")["state"], "running");
     let coll = s.coll().await;
     insert_ids(&coll, [1]).await;
     s.aws
@@ -324,9 +284,9 @@ fn metric(text: &str, name: &str, label: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_with_traffic_and_a_real_prometheus_scrapes_them() {
-    let s = Setup::new(Mongo::start()).await;
+    let s = setup(Mongo::start()).await;
     let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
-    let _w = s.start(&watchers, Some(TOKEN));
+    let _w = s.run(&watchers, Some(TOKEN));
     let before = request(s.port, "GET", "/metrics", None, "").body;
     let coll = s.coll().await;
     insert_ids(&coll, 1..=5).await;
@@ -440,7 +400,7 @@ fn which(tool: &str) -> std::path::PathBuf {
 /// The API token can come from SSM (`http.api_token_ssm_parameter`), decrypted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_token_from_ssm() {
-    let s = Setup::new(Mongo::start()).await;
+    let s = setup(Mongo::start()).await;
     s.aws
         .ssm
         .put_parameter()
@@ -498,7 +458,7 @@ fn open_fds(pid: u32) -> usize {
 async fn idle_http_connections_are_bounded_and_closed_while_delivery_goes_on() {
     const CAP: usize = 64;
     const IDLE_CLIENTS: usize = 600;
-    let s = Setup::new(Mongo::start()).await;
+    let s = setup(Mongo::start()).await;
     let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
     let cfg = s.config(&watchers).replace(
         "http:\n",
@@ -594,9 +554,9 @@ async fn idle_http_connections_are_bounded_and_closed_while_delivery_goes_on() {
 /// watcher keeps its position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rewind_to_another_collections_token_is_400_naming_the_namespace() {
-    let s = Setup::new(Mongo::start()).await;
+    let s = setup(Mongo::start()).await;
     let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
-    let _w = s.start(&watchers, Some(TOKEN));
+    let _w = s.run(&watchers, Some(TOKEN));
     let other = s
         .mongo
         .client()
@@ -633,9 +593,9 @@ async fn a_rewind_to_another_collections_token_is_400_naming_the_namespace() {
 /// server selection) with the watcher's state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_and_rewind_answer_at_once_while_mongodb_is_down() {
-    let mut s = Setup::new(Mongo::start()).await;
+    let mut s = setup(Mongo::start()).await;
     let watchers = [watcher_yaml("w", "db", "c", &s.stream, "")];
-    let _w = s.start(&watchers, Some(TOKEN));
+    let _w = s.run(&watchers, Some(TOKEN));
     s.mongo.kill();
     let latest = json!({"to": "latest"}).to_string();
     let timed = |action: &str, body: &str| {

@@ -402,49 +402,32 @@ async fn ssm_password_against_scram_auth() {
 
 // ---- Issue 7, item 6: a checkpoint write with an unknown outcome must not stop a watcher ----
 
-/// One watcher `w` (collection `db.c`, a 1-shard stream) with a checkpoint table, its AWS
-/// calls through the fault-injection proxy (which sees Kinesis and DynamoDB alike).
+/// One watcher `w` (collection `db.c`, a 1-shard stream) with a checkpoint table (the
+/// fixtures' [`Env`]), its AWS calls through the fault-injection proxy (which sees Kinesis
+/// and DynamoDB alike).
 struct CheckpointSetup {
-    mongo: Mongo,
+    env: Env,
     proxy: Proxy,
-    aws: Aws,
-    dir: tempfile::TempDir,
-    table: String,
-    stream: String,
-    port: u16,
-    _moto: Moto,
+}
+
+impl std::ops::Deref for CheckpointSetup {
+    type Target = Env;
+
+    fn deref(&self) -> &Env {
+        &self.env
+    }
 }
 
 impl CheckpointSetup {
     async fn new() -> Self {
-        let mongo = Mongo::start();
-        let moto = Moto::start();
-        let proxy = Proxy::start(&moto);
-        let aws = Aws::new(&moto).await;
-        let table = unique("cps");
-        aws.create_checkpoint_table(&table).await;
-        let stream = unique("s");
-        aws.create_stream(&stream, 1).await;
-        Self {
-            mongo,
-            proxy,
-            aws,
-            dir: tempfile::tempdir().unwrap(),
-            table,
-            stream,
-            port: free_port(),
-            _moto: moto,
-        }
+        let env = Env::with_mongo(Mongo::start(), "s", 1).await;
+        let proxy = Proxy::start(&env.moto);
+        Self { env, proxy }
     }
 
     /// Starts the watcher and waits until it is `running`.
     fn start(&self) -> Watcher {
-        let cfg = config_yaml(
-            &self.mongo,
-            Some(&self.table),
-            &[watcher_yaml("w", "db", "c", &self.stream, "")],
-        )
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{}", self.port));
+        let cfg = self.config(&[self.watcher_w("")]);
         let w = Watcher::start(self.dir.path(), &cfg, &self.proxy.endpoint());
         wait_http(self.port, "/watchers/w", WAIT, |r| {
             r.status == 200 && r.json()["state"] == "running"
@@ -453,15 +436,7 @@ impl CheckpointSetup {
     }
 
     fn state(&self) -> serde_json::Value {
-        request(self.port, "GET", "/watchers/w", None, "").json()["state"].clone()
-    }
-
-    async fn coll(&self) -> mongodb::Collection<Document> {
-        self.mongo
-            .client()
-            .await
-            .database("db")
-            .collection::<Document>("c")
+        self.view("w")["state"].clone()
     }
 
     /// Another process takes the watcher's item over: a revision the watcher never wrote.

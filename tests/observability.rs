@@ -17,46 +17,19 @@ const TOKEN: &str = "test-token-8080";
 /// The sampler reads the oplog every 30 s; a change shows within one interval and a bit.
 const SAMPLE_WAIT: Duration = Duration::from_secs(45);
 
-struct Setup {
-    mongo: Mongo,
-    moto: Moto,
-    aws: Aws,
-    table: String,
-    stream: String,
-    port: u16,
-    dir: tempfile::TempDir,
+/// The fixtures' [`Env`] on `mongo`: a 2-shard stream and a checkpoint table.
+async fn setup(mongo: Mongo) -> Env {
+    Env::with_mongo(mongo, "s", 2).await
 }
 
-impl Setup {
-    async fn new(mongo: Mongo) -> Self {
-        let moto = Moto::start();
-        let aws = Aws::new(&moto).await;
-        let table = unique("cps");
-        aws.create_checkpoint_table(&table).await;
-        let stream = unique("s");
-        aws.create_stream(&stream, 2).await;
-        Self {
-            mongo,
-            moto,
-            aws,
-            table,
-            stream,
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn config(&self) -> String {
-        config_yaml(
-            &self.mongo,
-            Some(&self.table),
-            &[watcher_yaml("w", "db", "c", &self.stream, "")],
-        )
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{}", self.port))
+impl Env {
+    /// One watcher `w` on `db.c`.
+    fn config_w(&self) -> String {
+        self.config(&[self.watcher_w("")])
     }
 
     /// Starts mongo-watcher with `config`, its AWS calls going to `aws_endpoint`.
-    fn start(&self, config: &str, aws_endpoint: &str) -> Watcher {
+    fn run(&self, config: &str, aws_endpoint: &str) -> Watcher {
         let w = Watcher::start_with_env(
             self.dir.path(),
             config,
@@ -67,20 +40,8 @@ impl Setup {
         w
     }
 
-    fn view(&self) -> serde_json::Value {
-        request(self.port, "GET", "/watchers/w", None, "").json()
-    }
-
     fn metrics(&self) -> String {
         request(self.port, "GET", "/metrics", None, "").body
-    }
-
-    async fn coll(&self) -> mongodb::Collection<Document> {
-        self.mongo
-            .client()
-            .await
-            .database("db")
-            .collection::<Document>("c")
     }
 }
 
@@ -119,13 +80,13 @@ fn now_secs() -> i64 {
 
 /// Polls `GET /watchers/w` until `done` holds.
 fn wait_view(
-    s: &Setup,
+    s: &Env,
     timeout: Duration,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let v = s.view();
+        let v = s.view("w");
         if done(&v) {
             return v;
         }
@@ -142,13 +103,13 @@ fn wait_view(
 /// when the oplog is pruned past the checkpoint, the next sample turns it negative.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oplog_headroom_follows_the_oplog_and_drops_when_it_is_pruned() {
-    let s = Setup::new(Mongo::start_with(&["--oplog-max-entries", "10"])).await;
+    let s = setup(Mongo::start_with(&["--oplog-max-entries", "10"])).await;
     let client = s.mongo.client().await;
     let coll = s.coll().await;
     insert_ids(&coll, [1]).await;
     // So that the events the checkpoint holds are whole seconds younger than the oplog start.
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    let w = s.start(&s.config(), &s.moto.endpoint());
+    let w = s.run(&s.config_w(), &s.moto.endpoint());
     insert_ids(&coll, [2, 3]).await;
     s.aws
         .wait_for_records(&s.stream, WAIT, |r| has_all(r, &[2, 3]))
@@ -228,7 +189,7 @@ async fn oplog_headroom_follows_the_oplog_and_drops_when_it_is_pruned() {
     // A new process: the watcher comes back paused from its stored checkpoint and writes
     // none, yet its headroom is known from the first sample, from the loaded checkpoint.
     drop(w);
-    let _w = s.start(&s.config(), &s.moto.endpoint());
+    let _w = s.run(&s.config_w(), &s.moto.endpoint());
     let v = wait_view(&s, WAIT, |v| {
         v["state"] == "paused" && v["oplog_headroom_seconds"].is_number()
     });
@@ -265,11 +226,11 @@ async fn oplog_headroom_is_absent_with_one_warning_where_the_oplog_is_not_readab
         .expect("create app");
     mongo.stop();
     mongo.restart_with(&["--auth"]);
-    let s = Setup::new(mongo).await;
+    let s = setup(mongo).await;
     let app_uri =
         format!("mongodb://app:apppw@127.0.0.1:{port}/?directConnection=true&authSource=admin");
-    let config = s.config().replace(&s.mongo.uri(), &app_uri);
-    let w = s.start(&config, &s.moto.endpoint());
+    let config = s.config_w().replace(&s.mongo.uri(), &app_uri);
+    let w = s.run(&config, &s.moto.endpoint());
     let root = mongodb::Client::with_uri_str(format!(
         "mongodb://root:rootpw@127.0.0.1:{port}/?directConnection=true&authSource=admin"
     ))
@@ -286,7 +247,7 @@ async fn oplog_headroom_is_absent_with_one_warning_where_the_oplog_is_not_readab
     tokio::time::sleep(Duration::from_secs(33)).await;
     assert_eq!(w.logs().matches(WARNING).count(), 1, "{}", w.logs());
 
-    let v = s.view();
+    let v = s.view("w");
     assert!(v["checkpoint"].is_object(), "a checkpoint is stored: {v:#}");
     assert_eq!(
         v.get("oplog_headroom_seconds"),
@@ -583,9 +544,9 @@ fn missing(
 async fn every_metric_of_the_dashboard_and_the_alert_rules_is_exposed() {
     let dashboard = dashboard_metrics();
     let alerts = alert_metrics();
-    let s = Setup::new(Mongo::start()).await;
+    let s = setup(Mongo::start()).await;
     let proxy = Proxy::start(&s.moto);
-    let _w = s.start(&s.config(), &proxy.endpoint());
+    let _w = s.run(&s.config_w(), &proxy.endpoint());
     let coll = s.coll().await;
 
     // A whole call fails (mongo_watcher_put_calls_failed_total), then one record is rejected

@@ -103,6 +103,7 @@ async fn the_copy_and_the_writes_made_during_it_all_arrive_in_key_order() {
         dir,
         table,
         stream,
+        ..
     } = Env::start("snap", 2).await;
     let client = mongo.client().await;
     let coll = client.database("shop").collection::<Document>("items");
@@ -291,6 +292,7 @@ async fn a_copy_killed_midway_continues_from_its_checkpoint() {
         dir,
         table,
         stream,
+        ..
     } = Env::start("snap", 2).await;
     let client = mongo.client().await;
     let coll = client.database("shop").collection::<Document>("items");

@@ -1006,7 +1006,8 @@ impl Drop for Watcher {
 
 /// A unique suffix for names within one test run.
 /// What most end-to-end tests start with: SecantusDB, moto, an AWS client, a directory for
-/// the watcher, a checkpoint table and a stream of `shards` shards named after `stream`.
+/// the watcher, a checkpoint table, a stream of `shards` shards named after `stream`, and a
+/// free port for the control plane. Test files add their own `start` (a proxy, a token).
 pub struct Env {
     pub mongo: Mongo,
     pub moto: Moto,
@@ -1014,11 +1015,16 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub table: String,
     pub stream: String,
+    pub port: u16,
 }
 
 impl Env {
     pub async fn start(stream: &str, shards: i32) -> Self {
-        let mongo = Mongo::start();
+        Self::with_mongo(Mongo::start(), stream, shards).await
+    }
+
+    /// [`Env::start`] on a SecantusDB started with options of the test's own.
+    pub async fn with_mongo(mongo: Mongo, stream: &str, shards: i32) -> Self {
         let moto = Moto::start();
         let aws = Aws::new(&moto).await;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1032,7 +1038,34 @@ impl Env {
             dir,
             table,
             stream,
+            port: free_port(),
         }
+    }
+
+    /// [`config_yaml`] of `watchers`, with the checkpoint table and the control plane on
+    /// `port`.
+    pub fn config(&self, watchers: &[String]) -> String {
+        config_yaml(&self.mongo, Some(&self.table), watchers)
+            .replace("127.0.0.1:0", &format!("127.0.0.1:{}", self.port))
+    }
+
+    /// Watcher `w` on `db.c` into the stream, with `extra` settings (YAML lines).
+    pub fn watcher_w(&self, extra: &str) -> String {
+        watcher_yaml("w", "db", "c", &self.stream, extra)
+    }
+
+    /// The collection `db.c`.
+    pub async fn coll(&self) -> mongodb::Collection<Document> {
+        self.mongo
+            .client()
+            .await
+            .database("db")
+            .collection::<Document>("c")
+    }
+
+    /// `GET /watchers/{name}`, as JSON.
+    pub fn view(&self, name: &str) -> serde_json::Value {
+        request(self.port, "GET", &format!("/watchers/{name}"), None, "").json()
     }
 }
 
