@@ -510,8 +510,10 @@ async fn checkpoint_write_with_unknown_outcome(then: &str, hold_ms: u64) {
         .await;
     let before = token_text(&aws.checkpoint(table, "w").await.expect("checkpoint"));
     insert_ids(&c, 10..=12).await;
+    // One write past the settled one at least: 7..9 and 10..12 may share a write when 7..9's
+    // lands after `before` was read (an idle stream adds none; it used to add one a second).
     aws.wait_for_checkpoint(table, "w", WAIT, |i| {
-        revision(i) > settled_at + 1 && token_text(i) != before
+        revision(i) > settled_at && token_text(i) != before
     })
     .await;
     aws.wait_for_records(s, WAIT, |r| has_all(r, &[10, 11, 12]))
