@@ -505,11 +505,10 @@ fn image_advice(error: &mongodb::error::Error) -> &'static str {
     }
 }
 
-/// A MongoDB error in one line an operator can read: the server's code, name and message for
-/// command errors (the driver's Display also dumps the raw reply), else the driver's text.
 /// An AWS error in a line an operator reads: the service's code and words (`Code: message`),
 /// or the SDK's context for an error the service did not answer. The SDK's full context of a
-/// service error repeats them with the raw response, too long for a reason.
+/// service error repeats them with the raw response, too long for a reason. (One `SdkError`
+/// type serves every AWS SDK crate: Kinesis, DynamoDB and S3 errors alike.)
 pub fn aws_message<E, R>(err: &aws_sdk_dynamodb::error::SdkError<E, R>) -> String
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
@@ -526,6 +525,26 @@ where
     }
 }
 
+/// [`aws_message`] without the code, for where the code travels beside the words (a
+/// PutRecords failure's `error_code`): the service's message, or the SDK's context for an
+/// error the service did not answer or answered without words.
+pub fn aws_words<E, R>(err: &aws_sdk_dynamodb::error::SdkError<E, R>) -> String
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+    match err {
+        SdkError::ServiceError(e) => match e.err().message() {
+            Some(m) if !m.is_empty() => m.to_owned(),
+            _ => DisplayErrorContext(err).to_string(),
+        },
+        _ => DisplayErrorContext(err).to_string(),
+    }
+}
+
+/// A MongoDB error in one line an operator can read: the server's code, name and message for
+/// command errors (the driver's Display also dumps the raw reply), else the driver's text.
 pub fn summary(error: &mongodb::error::Error) -> String {
     match error.kind.as_ref() {
         mongodb::error::ErrorKind::Command(c) => {
@@ -565,6 +584,33 @@ mod tests {
             user: Some("app".into()),
             hosts: "db-1:27017,db-2:27017".into(),
         }
+    }
+
+    #[test]
+    fn aws_errors_read_as_the_service_words_with_or_without_the_code() {
+        use aws_sdk_kinesis::error::{ErrorMetadata, SdkError};
+        use aws_sdk_kinesis::operation::put_records::PutRecordsError;
+        let service = |code: &str, message: &str| {
+            let meta = ErrorMetadata::builder().code(code).message(message).build();
+            SdkError::<_, ()>::service_error(PutRecordsError::generic(meta), ())
+        };
+        let throttled = service("ProvisionedThroughputExceededException", "Rate exceeded");
+        assert_eq!(aws_words(&throttled), "Rate exceeded");
+        assert_eq!(
+            aws_message(&throttled),
+            "ProvisionedThroughputExceededException: Rate exceeded"
+        );
+        // No words from the service: its code alone, or the SDK's context without the code.
+        let wordless = service("InternalFailure", "");
+        assert_eq!(aws_message(&wordless), "InternalFailure");
+        assert!(!aws_words(&wordless).is_empty());
+        let timeout = SdkError::<PutRecordsError, ()>::timeout_error("attempt timeout");
+        assert!(
+            aws_words(&timeout).contains("attempt timeout"),
+            "{}",
+            aws_words(&timeout)
+        );
+        assert_eq!(aws_message(&timeout), aws_words(&timeout));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! One PutRecords call and what its answer means for each record.
 
-use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use aws_sdk_kinesis::operation::put_records::PutRecordsOutput;
 use aws_smithy_types::body::SdkBody;
 
@@ -176,17 +176,10 @@ where
         SdkError::ConstructionFailure(_) => "construction".to_owned(),
         _ => "unknown".to_owned(),
     };
-    let message = match &err {
-        _ if code == "ResourceNotFoundException" => format!(
-            "kinesis stream `{stream}` does not exist (or is not visible to these credentials)"
-        ),
-        // The service's own words: the SDK's full context repeats them with the raw response,
-        // too long for a reason an operator reads.
-        SdkError::ServiceError(e) => match e.err().message() {
-            Some(m) if !m.is_empty() => m.to_owned(),
-            _ => DisplayErrorContext(&err).to_string(),
-        },
-        _ => DisplayErrorContext(&err).to_string(),
+    let message = if code == "ResourceNotFoundException" {
+        format!("kinesis stream `{stream}` does not exist (or is not visible to these credentials)")
+    } else {
+        crate::error::aws_words(&err)
     };
     CallError { code, message }
 }
