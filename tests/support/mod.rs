@@ -1004,7 +1004,6 @@ impl Drop for Watcher {
     }
 }
 
-/// A unique suffix for names within one test run.
 /// What most end-to-end tests start with: SecantusDB, moto, an AWS client, a directory for
 /// the watcher, a checkpoint table, a stream of `shards` shards named after `stream`, and a
 /// free port for the control plane. Test files add their own `start` (a proxy, a token).
@@ -1069,6 +1068,7 @@ impl Env {
     }
 }
 
+/// A unique suffix for names within one test run.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);

@@ -288,7 +288,6 @@ mod tests {
             .stream_name("orders \"eu\"")
             .set_records(Some(entries))
             .customize()
-            .config_override(no_retries())
             .mutate_request(move |request| {
                 let bytes = request.body().bytes().unwrap().to_vec();
                 *sink.lock().unwrap() = bytes;
