@@ -1333,6 +1333,29 @@ struct ThrottleA {
 
 /// Scenario 8, one half: a backlog of `docs` documents of `bytes` bytes into a stream of
 /// `shards` shards through the proxy, with or without half of shard 0's records rejected.
+/// Throttling A's two halves on `docs` documents, fault-free then with half of shard 0's
+/// records rejected; `label` tells the pair apart in the bench's output.
+async fn throttle_a_pair(
+    e: &Arc<Env>,
+    proxy: &Arc<Proxy>,
+    label: &str,
+    docs: usize,
+    bytes: usize,
+    shards: i32,
+) -> (Result<ThrottleA, String>, Result<ThrottleA, String>) {
+    let clean = attempt(
+        &format!("8 throttling A{label}, fault-free"),
+        throttle_a(e.clone(), proxy.clone(), docs, bytes, shards, false),
+    )
+    .await;
+    let fault = attempt(
+        &format!("8 throttling A{label}, shard 0 half rejected"),
+        throttle_a(e.clone(), proxy.clone(), docs, bytes, shards, true),
+    )
+    .await;
+    (clean, fault)
+}
+
 async fn throttle_a(
     e: Arc<Env>,
     proxy: Arc<Proxy>,
@@ -1714,16 +1737,7 @@ async fn one_run(s: &Sizes, run: usize) -> RunResult {
         let proxy = Arc::new(Proxy::start(&e.moto));
         if s.wants(8) {
             let (docs, bytes, shards) = (s.throttle_docs, s.throttle_bytes, s.shards);
-            let clean = attempt(
-                "8 throttling A, fault-free",
-                throttle_a(e.clone(), proxy.clone(), docs, bytes, shards, false),
-            )
-            .await;
-            let fault = attempt(
-                "8 throttling A, shard 0 half rejected",
-                throttle_a(e.clone(), proxy.clone(), docs, bytes, shards, true),
-            )
-            .await;
+            let (clean, fault) = throttle_a_pair(&e, &proxy, "", docs, bytes, shards).await;
             match (clean, fault) {
                 (Ok(c), Ok(f)) => {
                     r.set("a_clean", c.rate);
@@ -1733,24 +1747,14 @@ async fn one_run(s: &Sizes, run: usize) -> RunResult {
                     r.set("a_lost", (c.lost + f.lost) as f64);
                     r.set("a_dup", (c.dup + f.dup) as f64);
                 }
-                (Err(err), _) | (_, Err(err)) => {
-                    r.errors.insert(8, err);
-                }
+                (Err(err), _) | (_, Err(err)) => add_error(&mut r.errors, 8, err),
             }
             // The same sustained for longer: the last records of shard 0 need ~11 attempts
             // (half rejected at random on each), ~0.5 s of their own delays whatever the
             // backlog, so on a fast machine that tail is most of a 6,000-doc drain.
             let long = docs * 5;
-            let clean = attempt(
-                "8 throttling A, 5x backlog, fault-free",
-                throttle_a(e.clone(), proxy.clone(), long, bytes, shards, false),
-            )
-            .await;
-            let fault = attempt(
-                "8 throttling A, 5x backlog, shard 0 half rejected",
-                throttle_a(e.clone(), proxy.clone(), long, bytes, shards, true),
-            )
-            .await;
+            let (clean, fault) =
+                throttle_a_pair(&e, &proxy, ", 5x backlog", long, bytes, shards).await;
             match (clean, fault) {
                 (Ok(c), Ok(f)) if c.lost + f.lost + c.dup + f.dup == 0 => {
                     r.set("a_long_clean", c.rate);
