@@ -35,6 +35,27 @@ fn config(mongo: &Mongo, table: &str, stream: &str, bucket: &str, port: u16) -> 
     .replace("listen: 127.0.0.1:0", &format!("listen: 127.0.0.1:{port}"))
 }
 
+/// A test's services: the fixtures' [`Env`] (a 1-shard stream, a checkpoint table, a port for
+/// the control plane), S3 on the same moto, and a bucket name (the test creates the bucket, or
+/// leaves it missing).
+struct Claims {
+    env: Env,
+    s3: S3,
+    bucket: String,
+}
+
+impl Claims {
+    async fn new() -> Self {
+        let env = Env::start("s", 1).await;
+        let s3 = S3::new(&env.moto).await;
+        Self {
+            env,
+            s3,
+            bucket: unique("claims"),
+        }
+    }
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
@@ -96,16 +117,17 @@ async fn check_object(s3: &S3, bucket: &str, pointer: &Record) -> serde_json::Va
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_event_goes_to_s3_and_a_pointer_takes_its_place_in_order() {
-    let mongo = Mongo::start();
-    let moto = Moto::start();
-    let aws = Aws::new(&moto).await;
-    let s3 = S3::new(&moto).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (table, stream, bucket) = (unique("cps"), unique("s"), unique("claims"));
-    aws.create_checkpoint_table(&table).await;
-    aws.create_stream(&stream, 1).await;
+    let Claims { env, s3, bucket } = Claims::new().await;
+    let Env {
+        mongo,
+        moto,
+        aws,
+        dir,
+        table,
+        stream,
+        port,
+    } = env;
     s3.create_bucket(&bucket).await;
-    let port = free_port();
     let w = Watcher::start(
         dir.path(),
         &config(&mongo, &table, &stream, &bucket, port),
@@ -210,16 +232,17 @@ async fn an_oversized_event_goes_to_s3_and_a_pointer_takes_its_place_in_order() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_s3_failure_holds_the_watcher_backing_off_then_delivers_without_loss() {
-    let mongo = Mongo::start();
-    let moto = Moto::start();
-    let aws = Aws::new(&moto).await;
-    let s3 = S3::new(&moto).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (table, stream, bucket) = (unique("cps"), unique("s"), unique("claims"));
-    aws.create_checkpoint_table(&table).await;
-    aws.create_stream(&stream, 1).await;
+    let Claims { env, s3, bucket } = Claims::new().await;
+    let Env {
+        mongo,
+        moto,
+        aws,
+        dir,
+        table,
+        stream,
+        port,
+    } = env;
     // The bucket does not exist yet.
-    let port = free_port();
     let _w = Watcher::start(
         dir.path(),
         &config(&mongo, &table, &stream, &bucket, port),
@@ -301,18 +324,19 @@ async fn an_s3_failure_holds_the_watcher_backing_off_then_delivers_without_loss(
 /// event goes to S3 and its pointer to the stream, and the watcher is `running` again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_access_denied_names_the_permission_then_delivers_once_granted() {
-    let mongo = Mongo::start();
-    let moto = Moto::start();
+    let Claims { env, s3, bucket } = Claims::new().await;
+    let Env {
+        mongo,
+        moto,
+        aws,
+        dir,
+        table,
+        stream,
+        port,
+    } = env;
     let proxy = Proxy::start(&moto);
-    let aws = Aws::new(&moto).await;
-    let s3 = S3::new(&moto).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (table, stream, bucket) = (unique("cps"), unique("s"), unique("claims"));
-    aws.create_checkpoint_table(&table).await;
-    aws.create_stream(&stream, 1).await;
     s3.create_bucket(&bucket).await;
     proxy.rules(serde_json::json!({"access_denied": ["PutObject"]}));
-    let port = free_port();
     let _w = Watcher::start(
         dir.path(),
         &config(&mongo, &table, &stream, &bucket, port),
@@ -372,15 +396,16 @@ async fn s3_access_denied_names_the_permission_then_delivers_once_granted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_during_an_upload_loses_nothing() {
-    let mongo = Mongo::start();
-    let moto = Moto::start();
-    let aws = Aws::new(&moto).await;
-    let s3 = S3::new(&moto).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (table, stream, bucket) = (unique("cps"), unique("s"), unique("claims"));
-    aws.create_checkpoint_table(&table).await;
-    aws.create_stream(&stream, 1).await;
-    let port = free_port();
+    let Claims { env, s3, bucket } = Claims::new().await;
+    let Env {
+        mongo,
+        moto,
+        aws,
+        dir,
+        table,
+        stream,
+        port,
+    } = env;
     let mut w = Watcher::start(
         dir.path(),
         &config(&mongo, &table, &stream, &bucket, port),
@@ -445,15 +470,16 @@ async fn a_kill_during_an_upload_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_during_a_failing_upload_leaves_the_event_to_the_next_start() {
-    let mongo = Mongo::start();
-    let moto = Moto::start();
-    let aws = Aws::new(&moto).await;
-    let s3 = S3::new(&moto).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (table, stream, bucket) = (unique("cps"), unique("s"), unique("claims"));
-    aws.create_checkpoint_table(&table).await;
-    aws.create_stream(&stream, 1).await;
-    let port = free_port();
+    let Claims { env, s3, bucket } = Claims::new().await;
+    let Env {
+        mongo,
+        moto,
+        aws,
+        dir,
+        table,
+        stream,
+        port,
+    } = env;
     let mut w = Watcher::start(
         dir.path(),
         &config(&mongo, &table, &stream, &bucket, port),
