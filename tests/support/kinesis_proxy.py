@@ -39,7 +39,9 @@ Rules (defaults shown):
                            key = MD5(PartitionKey) as a 128-bit big-endian int,
                            shard i covers [i*2^128/n, (i+1)*2^128/n) (how a new
                            stream's range is split evenly; ExplicitHashKey is
-                           not considered)
+                           not considered); the entry's ErrorMessage names
+                           its shard as Kinesis does ("Rate exceeded for
+                           shard shardId-000000000000 in stream ...")
   shard_limit       null   {"of": n, "records_per_s": r, "bytes_per_s": b}:
                            Kinesis's per-shard write limits (1,000 records/s
                            and 1 MiB/s on AWS) for a stream of n evenly split
@@ -286,6 +288,13 @@ def validate_dynamo_hold(dh: object) -> dict | None:
 def shard_of(partition_key: str, shards: int) -> int:
     """Index of the shard a key lands on in a stream of `shards` evenly split shards."""
     return (int.from_bytes(hashlib.md5(partition_key.encode()).digest(), "big") * shards) >> 128
+
+
+def throttle_message(shard: int, req: dict) -> str:
+    """A throttled entry's ErrorMessage as Kinesis words it, naming the entry's shard."""
+    stream = req.get("StreamName") or str(req.get("StreamARN", "")).rsplit("/", 1)[-1]
+    return (f"Rate exceeded for shard shardId-{shard:012d} in stream {stream} "
+            f"under account 123456789012.")
 
 
 def entry_bytes(rec: dict) -> int:
@@ -684,6 +693,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             fail_status = rules["fail_call_status"]
             # per entry: "ok" | "fail" (not forwarded) | "lost" (forwarded, reported failed)
             fate: list[str] = []
+            # Index of the shard named in a throttled entry's message (fail_shard, shard_limit).
+            throttled_shard: dict[int, int] = {}
             fail_shard = rules["fail_shard"]
             if not fail_call:
                 for rec in records:
@@ -694,11 +705,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     elif fail_shard is not None and isinstance(key, str) \
                             and shard_of(key, fail_shard["of"]) == fail_shard["shard"] \
                             and st.rng.random() < fail_shard["rate"]:
+                        throttled_shard[len(fate)] = fail_shard["shard"]
                         fate.append("fail")
                     elif rules["fail_record_rate"] > 0 and st.rng.random() < rules["fail_record_rate"]:
                         fate.append("fail")
                     elif rules["shard_limit"] is not None and isinstance(key, str) \
                             and not st.take_shard_tokens(key, entry_bytes(rec)):
+                        throttled_shard[len(fate)] = shard_of(key, rules["shard_limit"]["of"])
                         fate.append("fail")
                         st.stats["records_throttled"] += 1
                     elif rules["ack_lost_rate"] > 0 and st.rng.random() < rules["ack_lost_rate"]:
@@ -757,7 +770,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         for i, f in enumerate(fate):
             if f == "fail":
                 n_fail += 1
-                out_entries.append({"ErrorCode": code, "ErrorMessage": "injected"})
+                shard = throttled_shard.get(i)
+                message = "injected"
+                if shard is not None and code == "ProvisionedThroughputExceededException":
+                    message = throttle_message(shard, req)
+                out_entries.append({"ErrorCode": code, "ErrorMessage": message})
             elif f == "lost":
                 n_lost += 1
                 out_entries.append({"ErrorCode": code, "ErrorMessage": "injected"})

@@ -388,6 +388,9 @@ def run(env: Env) -> None:
           f"rate 1.0: exactly the {sum(failed)} records of shard 0 failed")
     check(all(e["ErrorCode"] == "ProvisionedThroughputExceededException"
               for e in r["Records"] if "ErrorCode" in e), "fail_record_code used")
+    check(all(e["ErrorMessage"] == "Rate exceeded for shard shardId-000000000000 in stream "
+              "s-shard under account 123456789012."
+              for e in r["Records"] if "ErrorCode" in e), "the message names shard 0 as AWS does")
     env.rules(fail_shard={"shard": 0, "of": 4, "rate": 0.5}, seed=3)
     r = kin.put_records(StreamName="s-shard", Records=recs("half", 400))
     bad = [shard_index(f"pk-{i}") for i, e in enumerate(r["Records"]) if "ErrorCode" in e]
@@ -419,6 +422,10 @@ def run(env: Env) -> None:
     check(all(e["ErrorCode"] == "ProvisionedThroughputExceededException"
               for e in r["Records"] if "ErrorCode" in e), "throttled with Kinesis's code")
     check(all(40 <= n <= 41 for n in ok), f"about one second's 40 records per shard: {ok}")
+    check(all(e["ErrorMessage"].startswith(
+                  f"Rate exceeded for shard shardId-{shard_index(b['PartitionKey']):012d} ")
+              for b, e in zip(batch, r["Records"]) if "ErrorCode" in e),
+          "each throttled entry's message names its own shard")
     check(env.stats()["records_throttled"] == 400 - sum(ok), "counted as records_throttled")
     time.sleep(1.1)
     r = kin.put_records(StreamName="s-shard", Records=recs("again", 100))
