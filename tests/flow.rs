@@ -1,7 +1,8 @@
 //! Flow control end to end, against SecantusDB, moto and the Kinesis fault-injection proxy:
-//! a throttled key does not hold back the others, a failed call comes back to the watcher
-//! (no hidden SDK retries), memory stays bounded in bytes per watcher and for the whole process
-//! while Kinesis is down, and a shutdown whose drain cannot finish says so in its exit code.
+//! a throttled key does not hold back the others, a shard over its limit is paced, a failed
+//! call comes back to the watcher (no hidden SDK retries), memory stays bounded in bytes per
+//! watcher and for the whole process while Kinesis is down, and a shutdown whose drain cannot
+//! finish says so in its exit code.
 
 mod support;
 
@@ -135,6 +136,63 @@ async fn a_throttled_key_does_not_hold_back_the_others() {
         .collect();
     assert_eq!(ops, ["insert", "update"], "key 1 in order");
     assert_eq!(ids_of(&records).len(), 42, "each record exactly once");
+}
+
+/// One shard over Kinesis's per-shard limit with a backlog of distinct keys (the case for more
+/// shards): once the shard's accepted rate is known (after a second), its throttled records go
+/// again at about 1.5 times that rate rather than each on its own ~50 ms delay, so the shard
+/// is not sent many times what it takes. The shard is shown as paced, and every document
+/// arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_over_its_limit_gets_its_records_back_at_its_pace() {
+    const DOCS: i64 = 1000;
+    const LIMIT: f64 = 100.0;
+    let e = Env::new(1).await;
+    let cfg = e.config("", "    full_document: off\n");
+    let coll = e.coll().await;
+    e.proxy
+        .rules(json!({"shard_limit": {"of": 1, "records_per_s": LIMIT}}));
+    let _w = Watcher::start(e.dir.path(), &cfg, &e.proxy.endpoint());
+    wait_http(e.port, "/readyz", WAIT, |r| r.status == 200);
+    let docs: Vec<Document> = (0..DOCS).map(|i| doc! {"_id": i, "v": 0_i64}).collect();
+    coll.insert_many(docs).await.unwrap();
+    // The first second is not paced (the shard's rate is not known yet).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let throttled = || e.proxy.stats()["records_throttled"].as_f64().unwrap_or(0.0);
+    let (before, from) = (throttled(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let per_second = (throttled() - before) / from.elapsed().as_secs_f64();
+    eprintln!("throttled by a shard taking {LIMIT}/s: {per_second:.0} records a second");
+    let w = request(e.port, "GET", "/watchers/w", None, "").json();
+    assert!(
+        w["flow"]["pending_records"].as_u64().unwrap_or(0) > 100,
+        "the backlog must outlast the measurement: {w}"
+    );
+    // Paced at 1.5 x 100/s, about 50 throttled a second; each record on its own delay would
+    // be thousands.
+    assert!(
+        per_second < 5.0 * LIMIT,
+        "{per_second:.0} records throttled a second by a shard that takes {LIMIT}/s"
+    );
+    assert_eq!(
+        w["flow"]["paced_shards"],
+        json!(["shardId-000000000000"]),
+        "{w}"
+    );
+    assert_eq!(w["state"], "running", "{w}");
+    assert_eq!(
+        metric(e.port, "mongo_watcher_shards_paced{watcher=\"w\"}"),
+        Some(1.0)
+    );
+    let ids: Vec<i64> = (0..DOCS).collect();
+    e.aws
+        .wait_for_ids(&e.stream, &ids, Duration::from_secs(60))
+        .await;
+    let records = e.aws.read_stream(&e.stream).await;
+    assert_eq!(records.len(), DOCS as usize, "each document once");
+    wait_http(e.port, "/watchers/w", WAIT, |r| {
+        r.json()["flow"]["paced_shards"] == json!([])
+    });
 }
 
 /// A PutRecords call that fails whole (a server error, a throttled call) comes back to the

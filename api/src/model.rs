@@ -76,6 +76,10 @@ pub struct FlowView {
     pub pending_bytes: usize,
     /// Records Kinesis rejected that wait for their own retry delay.
     pub records_delayed: usize,
+    /// Shards over their limit (Kinesis rejected records of theirs with
+    /// `ProvisionedThroughputExceededException`) whose rejected records go again at 1.5 times
+    /// what the shard accepted over the last second.
+    pub paced_shards: Vec<String>,
     /// Records Kinesis rejected since the process started, by error code.
     pub rejected: BTreeMap<String, u64>,
 }
@@ -88,6 +92,7 @@ impl From<Flow> for FlowView {
             pending_records: f.pending_records,
             pending_bytes: f.pending_bytes,
             records_delayed: f.records_delayed,
+            paced_shards: f.paced_shards,
             rejected: f.rejected,
         }
     }

@@ -401,6 +401,7 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
             pending_records: 40,
             pending_bytes: 40_960,
             records_delayed: 3,
+            paced_shards: vec!["shardId-000000000002".into()],
             rejected: [("ProvisionedThroughputExceededException".to_owned(), 7)].into(),
         };
     });
@@ -459,6 +460,7 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
             "flow": {
                 "send_limit": 2, "calls_in_flight": 1, "pending_records": 40,
                 "pending_bytes": 40960, "records_delayed": 3,
+                "paced_shards": ["shardId-000000000002"],
                 "rejected": {"ProvisionedThroughputExceededException": 7}
             },
             "snapshot": null

@@ -10,6 +10,12 @@
 //!   follows AIMD, as Vector's adaptive request concurrency: halved on such a call, raised by
 //!   one on a call with every record acknowledged, between 1 and `max_in_flight`; after two such
 //!   calls in a row no call starts until a stream backoff has passed.
+//! - **Per shard** ([`ShardPacer`]): records a shard throttled
+//!   (`ProvisionedThroughputExceededException`, whose message names the shard) go again no
+//!   faster than 1.5 times what that shard accepted over the last second, as the KPL holds
+//!   each shard to 150 % of its limit. Without it, every record waiting for a shard over its
+//!   limit would be re-sent every ~50 ms, several times what the shard takes. Records of other
+//!   shards, and first attempts, are not paced.
 //! - **Memory** ([`ByteBudget`]): bytes read and not yet acknowledged, bounded per watcher and
 //!   for the whole process; the reader waits for room before it hands an event on.
 
@@ -17,7 +23,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hashbrown::HashMap;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// How long a rejected record waits before it may be sent again: full jitter over a ceiling
 /// that doubles with the record's own failed attempts (`attempts` >= 1), from `initial` up to
@@ -58,6 +66,149 @@ impl SendLimit {
     /// A call that failed whole or had nothing acknowledged.
     pub fn on_stream_failure(&mut self) {
         self.current = (self.current / 2).max(1);
+    }
+}
+
+/// How much faster than a throttled shard's accepted rate its rejected records go again
+/// (the KPL's default `RateLimit` is 150 % of a shard's limit).
+const PACE_HEADROOM: f64 = 1.5;
+/// The accepted rate a throttled shard is paced at when it accepted less (or nothing) over the
+/// last second, in records per second: a shard that takes nothing of ours is still tried ~75
+/// times a second, so its records do not wait on an estimate of zero.
+const PACE_FLOOR: f64 = 50.0;
+/// The window a shard's accepted rate is counted over (Kinesis's limits are per second), in
+/// slices of `PACE_WINDOW / PACE_SLICES`. A shard seen for less than a window is not paced:
+/// its rate is not known yet.
+const PACE_WINDOW: Duration = Duration::from_secs(1);
+const PACE_SLICES: usize = 10;
+/// Turns a shard left unused are kept for this long: records throttled after a quiet spell go
+/// at once, up to this much of the shard's paced rate (a token bucket's depth).
+const PACE_BURST: Duration = Duration::from_millis(250);
+/// The furthest ahead a rejected record is given a turn. Beyond it, records share the last
+/// turn (and are throttled again there), rather than waiting on a rate measured long before.
+const PACE_AHEAD: Duration = Duration::from_secs(5);
+
+/// Per-shard pacing of throttled records: each shard's accepted records over the last second,
+/// and the next turn for its rejected records, a token bucket filled at the shard's accepted
+/// rate times [`PACE_HEADROOM`]. Records that wait for a shard over its limit reach it at
+/// about the rate it takes them, rather than each on its own short delay; a shard that
+/// rejects at random while taking most of what it gets is rarely held back by it.
+#[derive(Debug, Default)]
+pub struct ShardPacer {
+    shards: HashMap<u64, ShardPace>,
+    /// When shards with nothing to pace were last forgotten.
+    swept: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct ShardPace {
+    /// Accepted records per slice, the current slice last.
+    slices: [u32; PACE_SLICES],
+    /// Start of the current slice.
+    slice_start: Instant,
+    /// When this shard was first seen (paced from one window later).
+    first_seen: Instant,
+    /// The turn the next throttled records get (at most [`PACE_BURST`] in the past).
+    next_turn: Instant,
+}
+
+impl ShardPace {
+    fn new(now: Instant) -> Self {
+        Self {
+            slices: [0; PACE_SLICES],
+            slice_start: now,
+            first_seen: now,
+            next_turn: now,
+        }
+    }
+
+    /// Moves the window forward to `now`, dropping slices older than the window.
+    fn advance(&mut self, now: Instant) {
+        let slice = PACE_WINDOW / PACE_SLICES as u32;
+        let elapsed = now.saturating_duration_since(self.slice_start);
+        let steps = (elapsed.as_nanos() / slice.as_nanos()) as usize;
+        if steps == 0 {
+            return;
+        }
+        if steps >= PACE_SLICES {
+            self.slices = [0; PACE_SLICES];
+            self.slice_start = now;
+        } else {
+            self.slices.rotate_left(steps);
+            self.slices[PACE_SLICES - steps..].fill(0);
+            self.slice_start += slice * steps as u32;
+        }
+    }
+
+    /// Records accepted per second over the slices held (the older ones whole, the current one
+    /// so far); `None` while the shard has been seen for less than a window.
+    fn rate(&self, now: Instant) -> Option<f64> {
+        if now.saturating_duration_since(self.first_seen) < PACE_WINDOW {
+            return None;
+        }
+        let count: u32 = self.slices.iter().sum();
+        let slice = PACE_WINDOW / PACE_SLICES as u32;
+        let held =
+            slice * (PACE_SLICES as u32 - 1) + now.saturating_duration_since(self.slice_start);
+        Some(f64::from(count) / held.as_secs_f64())
+    }
+}
+
+impl ShardPacer {
+    /// A record of `shard` was accepted at `now`.
+    pub fn accepted(&mut self, shard: u64, now: Instant) {
+        let pace = self.pace(shard, now);
+        pace.slices[PACE_SLICES - 1] = pace.slices[PACE_SLICES - 1].saturating_add(1);
+    }
+
+    /// The earliest `n` records of `shard` throttled together at `now` (in one call) may go
+    /// again: the shard's next turn, which then moves on by their share of the shard's paced
+    /// rate. They share the turn, so they can share a call again.
+    pub fn throttled(&mut self, shard: u64, n: u32, now: Instant) -> Instant {
+        let pace = self.pace(shard, now);
+        let Some(rate) = pace.rate(now) else {
+            return now;
+        };
+        let rate = rate.max(PACE_FLOOR) * PACE_HEADROOM;
+        let start = pace
+            .next_turn
+            .max(now.checked_sub(PACE_BURST).unwrap_or(now))
+            .min(now + PACE_AHEAD);
+        pace.next_turn = start + Duration::from_secs_f64(f64::from(n) / rate);
+        start.max(now)
+    }
+
+    /// The shards being paced now (throttled records have taken turns still to come), in
+    /// order.
+    pub fn paced(&self, now: Instant) -> Vec<u64> {
+        let mut shards: Vec<u64> = (self.shards.iter())
+            .filter(|(_, p)| p.next_turn > now)
+            .map(|(&shard, _)| shard)
+            .collect();
+        shards.sort_unstable();
+        shards
+    }
+
+    /// `shard`'s state, its window moved to `now`. At most once a window, shards with nothing
+    /// accepted or to pace in the last one are forgotten first (a resharded stream's closed
+    /// shards, a shard that calmed down).
+    fn pace(&mut self, shard: u64, now: Instant) -> &mut ShardPace {
+        if self
+            .swept
+            .is_none_or(|t| now.saturating_duration_since(t) >= PACE_WINDOW)
+        {
+            self.swept = Some(now);
+            self.shards.retain(|_, pace| {
+                pace.advance(now);
+                pace.next_turn > now || pace.slices.iter().any(|&n| n > 0)
+            });
+        }
+        let pace = self
+            .shards
+            .entry(shard)
+            .or_insert_with(|| ShardPace::new(now));
+        pace.advance(now);
+        pace
     }
 }
 
@@ -184,6 +335,89 @@ impl Drop for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `pacer` has seen `n` records of `shard` accepted, spread over the second before `now`.
+    fn accepted_over_a_second(pacer: &mut ShardPacer, shard: u64, n: u32, now: Instant) {
+        let start = now - PACE_WINDOW;
+        for i in 0..n {
+            pacer.accepted(shard, start + PACE_WINDOW * i / n);
+        }
+    }
+
+    fn secs(d: Duration) -> f64 {
+        d.as_secs_f64()
+    }
+
+    #[test]
+    fn throttled_records_take_turns_at_one_and_a_half_times_the_accepted_rate() {
+        let now = Instant::now() + Duration::from_secs(10);
+        let mut pacer = ShardPacer::default();
+        accepted_over_a_second(&mut pacer, 1, 1000, now);
+        // A quarter second of the paced rate (1,500/s) goes at once, as 375 records of one call.
+        assert_eq!(pacer.throttled(1, 375, now), now);
+        // Then each call's throttled records take their share of the rate.
+        let a = pacer.throttled(1, 30, now);
+        let b = pacer.throttled(1, 1, now);
+        assert_eq!(a, now);
+        assert!((secs(b - a) - 30.0 / 1500.0).abs() < 1e-6, "{:?}", b - a);
+        assert_eq!(pacer.paced(now), vec![1]);
+        // Another shard is not held back by this one.
+        accepted_over_a_second(&mut pacer, 2, 1000, now);
+        assert_eq!(pacer.throttled(2, 1, now), now);
+        // Turns left unused are kept for a quarter second only.
+        let later = now + Duration::from_secs(2);
+        accepted_over_a_second(&mut pacer, 1, 1000, later);
+        assert_eq!(pacer.throttled(1, 375, later), later);
+        assert_eq!(pacer.throttled(1, 100, later), later);
+        assert!(pacer.throttled(1, 1, later) > later);
+    }
+
+    #[test]
+    fn a_shard_is_paced_once_its_rate_is_known() {
+        let now = Instant::now() + Duration::from_secs(10);
+        let mut pacer = ShardPacer::default();
+        // Seen for less than a window: its rate is not known, nothing waits.
+        for _ in 0..100 {
+            assert_eq!(pacer.throttled(5, 500, now), now);
+        }
+        assert!(pacer.paced(now).is_empty());
+    }
+
+    #[test]
+    fn a_shard_that_accepts_nothing_is_paced_at_the_floor_and_never_far_ahead() {
+        let start = Instant::now() + Duration::from_secs(10);
+        let mut pacer = ShardPacer::default();
+        accepted_over_a_second(&mut pacer, 7, 100, start);
+        // 300 records at 150/s: the last turn is 1.75 s on (2 s, less the quarter-second burst).
+        assert_eq!(pacer.throttled(7, 300, start), start);
+        // Half a second later nothing was accepted in the last second: paced at the floor.
+        let now = start + Duration::from_millis(1500);
+        let a = pacer.throttled(7, 1, now);
+        let b = pacer.throttled(7, 1, now);
+        assert!((secs(a - start) - 1.75).abs() < 1e-3, "{:?}", a - start);
+        let floor_gap = 1.0 / (PACE_FLOOR * PACE_HEADROOM);
+        assert!((secs(b - a) - floor_gap).abs() < 1e-6, "{:?}", b - a);
+        let last = (0..10_000)
+            .map(|_| pacer.throttled(7, 1, now))
+            .last()
+            .unwrap();
+        assert_eq!(
+            last,
+            now + PACE_AHEAD,
+            "turns are capped {PACE_AHEAD:?} ahead"
+        );
+    }
+
+    #[test]
+    fn a_quiet_shard_is_forgotten() {
+        let start = Instant::now() + Duration::from_secs(10);
+        let mut pacer = ShardPacer::default();
+        accepted_over_a_second(&mut pacer, 3, 100, start);
+        assert!(pacer.paced(start + Duration::from_secs(3)).is_empty());
+        pacer.accepted(4, start + Duration::from_secs(3));
+        assert!(!pacer.shards.contains_key(&3));
+        assert!(pacer.shards.contains_key(&4));
+    }
 
     #[test]
     fn record_delays_double_by_attempt_up_to_the_cap() {

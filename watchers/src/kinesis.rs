@@ -9,8 +9,36 @@ use crate::batch::PendingRecord;
 /// The fate of one record of a call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordResult {
-    Accepted,
-    Rejected { error_code: String, message: String },
+    /// Written; `shard` is the number of the shard it went to (`shardId-000000000003` is 3),
+    /// when the answer names one.
+    Accepted {
+        shard: Option<u64>,
+    },
+    Rejected {
+        error_code: String,
+        message: String,
+    },
+}
+
+/// The error code of a record rejected because its shard is over its limit.
+pub const THROTTLED: &str = "ProvisionedThroughputExceededException";
+
+/// A shard's number from its id (`shardId-000000000003` is 3).
+pub fn shard_number(shard_id: &str) -> Option<u64> {
+    shard_id.strip_prefix("shardId-")?.parse().ok()
+}
+
+/// The shard a throttled record's message names: Kinesis answers "Rate exceeded for shard
+/// shardId-000000000001 in stream ... under account ...". `None` for any other wording.
+pub fn throttled_shard(message: &str) -> Option<u64> {
+    let at = message.find("shardId-")?;
+    let id = &message[at..];
+    let end = id
+        .char_indices()
+        .skip("shardId-".len())
+        .find(|(_, c)| !c.is_ascii_digit())
+        .map_or(id.len(), |(i, _)| i);
+    shard_number(&id[..end])
 }
 
 /// Why a whole call failed; every such failure is retried.
@@ -196,7 +224,9 @@ pub fn record_results(output: &PutRecordsOutput, sent: usize) -> Vec<RecordResul
                     error_code: code.to_owned(),
                     message: e.error_message().unwrap_or_default().to_owned(),
                 },
-                None if e.sequence_number().is_some() => RecordResult::Accepted,
+                None if e.sequence_number().is_some() => RecordResult::Accepted {
+                    shard: e.shard_id().and_then(shard_number),
+                },
                 None => RecordResult::Rejected {
                     error_code: "MissingSequenceNumber".into(),
                     message: "no sequence number and no error code".into(),
@@ -397,7 +427,7 @@ mod tests {
         assert!(results
             .iter()
             .enumerate()
-            .all(|(i, r)| i == 1 || *r == RecordResult::Accepted));
+            .all(|(i, r)| i == 1 || matches!(r, RecordResult::Accepted { .. })));
     }
 
     #[test]
@@ -410,7 +440,7 @@ mod tests {
             .build()
             .unwrap();
         let results = record_results(&out, 3);
-        assert_eq!(results[0], RecordResult::Accepted);
+        assert_eq!(results[0], RecordResult::Accepted { shard: Some(0) });
         assert_eq!(
             results[1],
             RecordResult::Rejected {
@@ -418,7 +448,23 @@ mod tests {
                 message: "slow down".into()
             }
         );
-        assert_eq!(results[2], RecordResult::Accepted);
+        assert_eq!(results[2], RecordResult::Accepted { shard: Some(0) });
+    }
+
+    #[test]
+    fn a_throttled_record_names_its_shard() {
+        // The wording of Kinesis's PutRecords reference (PutRecordsResultEntry).
+        let aws = "Rate exceeded for shard shardId-000000000001 in stream exampleStreamName \
+                   under account 111111111111.";
+        assert_eq!(throttled_shard(aws), Some(1));
+        assert_eq!(
+            throttled_shard("Rate exceeded for shard shardId-000000012345"),
+            Some(12345)
+        );
+        assert_eq!(throttled_shard("Rate exceeded (injected)"), None);
+        assert_eq!(throttled_shard("shardId-x in stream"), None);
+        assert_eq!(shard_number("shardId-000000000003"), Some(3));
+        assert_eq!(shard_number("shard-3"), None);
     }
 
     #[test]
@@ -429,7 +475,7 @@ mod tests {
             .build()
             .unwrap();
         let results = record_results(&out, 3);
-        assert_eq!(results[0], RecordResult::Accepted);
+        assert_eq!(results[0], RecordResult::Accepted { shard: Some(0) });
         assert!(matches!(results[1], RecordResult::Rejected { .. }));
         assert!(matches!(results[2], RecordResult::Rejected { .. }));
     }

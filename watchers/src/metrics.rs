@@ -37,6 +37,7 @@ pub struct Metrics {
     pending_records: IntGaugeVec,
     pending_bytes: IntGaugeVec,
     records_delayed: IntGaugeVec,
+    shards_paced: IntGaugeVec,
     snapshot_records: IntCounterVec,
     snapshot_progress: GaugeVec,
 }
@@ -115,6 +116,7 @@ impl Metrics {
             pending_records: int_gauge("mongo_watcher_pending_records", "Records read and not yet acknowledged by Kinesis")?,
             pending_bytes: int_gauge("mongo_watcher_pending_bytes", "Bytes of the records read and not yet acknowledged by Kinesis")?,
             records_delayed: int_gauge("mongo_watcher_records_delayed", "Rejected records waiting for their own retry delay")?,
+            shards_paced: int_gauge("mongo_watcher_shards_paced", "Shards over their limit whose throttled records go again at 1.5 times what the shard accepted over the last second")?,
             snapshot_records: counter(registry, "mongo_watcher_snapshot_records_total", "Documents of an initial snapshot (snapshot: initial) acknowledged by Kinesis", &["watcher"])?,
             snapshot_progress: gauge("mongo_watcher_snapshot_progress_ratio", "Documents of the initial snapshot acknowledged over the collection's estimated count (1 once done); absent without a snapshot or an estimate")?,
         })
@@ -240,7 +242,14 @@ impl WatcherMetrics {
     }
 
     /// The flow-control gauges, set whenever the pipeline publishes its status.
-    pub fn flow(&self, send_limit: usize, pending: usize, pending_bytes: usize, delayed: usize) {
+    pub fn flow(
+        &self,
+        send_limit: usize,
+        pending: usize,
+        pending_bytes: usize,
+        delayed: usize,
+        paced_shards: usize,
+    ) {
         let set = |g: &IntGaugeVec, v: usize| {
             g.with_label_values(&[&self.watcher])
                 .set(i64::try_from(v).unwrap_or(i64::MAX))
@@ -249,6 +258,7 @@ impl WatcherMetrics {
         set(&self.metrics.pending_records, pending);
         set(&self.metrics.pending_bytes, pending_bytes);
         set(&self.metrics.records_delayed, delayed);
+        set(&self.metrics.shards_paced, paced_shards);
     }
 
     pub fn repaired(&self, reason: &str) {
@@ -304,7 +314,7 @@ mod tests {
         w.retries("ProvisionedThroughputExceededException", 2);
         w.records_rejected("ProvisionedThroughputExceededException", 2);
         w.call_failed("InternalFailure");
-        w.flow(3, 10, 1000, 2);
+        w.flow(3, 10, 1000, 2, 1);
         w.skipped("oversized");
         w.claim_checked();
         w.snapshot_records(2);
@@ -343,6 +353,7 @@ mod tests {
             "mongo_watcher_pending_records{watcher=\"orders\"} 10",
             "mongo_watcher_pending_bytes{watcher=\"orders\"} 1000",
             "mongo_watcher_records_delayed{watcher=\"orders\"} 2",
+            "mongo_watcher_shards_paced{watcher=\"orders\"} 1",
             "mongo_watcher_records_skipped_total{reason=\"oversized\",watcher=\"orders\"} 1",
             "mongo_watcher_checkpoint_writes_total{watcher=\"orders\"} 1",
             "mongo_watcher_records_claim_checked_total{watcher=\"orders\"} 1",

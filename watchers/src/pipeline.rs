@@ -32,8 +32,8 @@ use crate::error::{
     aws_refusal, is_foreign_resume_token, summary, AwsResource, MongoLogin, Retry, TokenOrigin,
     WatcherError,
 };
-use crate::flow::{record_delay, ByteBudget, Reservation, SendLimit};
-use crate::kinesis::{CallError, KinesisSink, RecordResult, RecordSink};
+use crate::flow::{record_delay, ByteBudget, Reservation, SendLimit, ShardPacer};
+use crate::kinesis::{self, CallError, KinesisSink, RecordResult, RecordSink};
 use crate::metrics::{Metrics, WatcherMetrics};
 use crate::reader::{self, Decoded, ReaderMsg, StartPosition, Undecodable};
 use crate::record::{self, EventRecord};
@@ -542,6 +542,8 @@ pub(crate) struct Pipeline<S: RecordSink> {
     inflight: FuturesUnordered<PutFuture>,
     /// Calls allowed in flight now (AIMD between 1 and `max_in_flight`).
     limit: SendLimit,
+    /// Throttled shards' turns for their rejected records.
+    pacer: ShardPacer,
     /// Grows while calls fail whole in a row; reset by any acknowledged record.
     stream_backoff: Backoff,
     /// After [`STREAM_BACKOFF_AFTER`] failed calls in a row, no call starts before this.
@@ -643,6 +645,7 @@ impl<S: RecordSink> Pipeline<S> {
                 .max_bytes
                 .map_or(stream.request_bytes, |b| b.min(stream.request_bytes)),
             limit: SendLimit::new(batch.max_in_flight),
+            pacer: ShardPacer::default(),
             stream_backoff: Backoff::new(batch.retry_initial_backoff, batch.retry_max_backoff),
             spec: spec.clone(),
             sink,
@@ -1513,10 +1516,14 @@ impl<S: RecordSink> Pipeline<S> {
         let mut refusal = None;
         let call_failed = match result {
             Ok(results) => {
+                let turns = self.throttled_turns(&results, now);
                 let mut codes: HashMap<String, u64> = HashMap::new();
                 for (record, outcome) in batch.into_iter().zip(results) {
                     match outcome {
-                        RecordResult::Accepted => {
+                        RecordResult::Accepted { shard } => {
+                            if let Some(shard) = shard {
+                                self.pacer.accepted(shard, now);
+                            }
                             tracing::trace!(
                                 seq = record.seq,
                                 events = record.events(),
@@ -1541,9 +1548,14 @@ impl<S: RecordSink> Pipeline<S> {
                             message,
                         } => {
                             rejected += 1;
+                            // A shard over its limit takes its records back at its own pace.
+                            let turn = (error_code == kinesis::THROTTLED)
+                                .then(|| kinesis::throttled_shard(&message))
+                                .flatten()
+                                .and_then(|shard| turns.get(&shard).copied());
                             last_error = format!("{error_code}: {message}");
                             *codes.entry(error_code).or_default() += 1;
-                            self.retry(record, &last_error, now, jitter);
+                            self.retry(record, &last_error, now, jitter, turn);
                         }
                     }
                 }
@@ -1573,7 +1585,7 @@ impl<S: RecordSink> Pipeline<S> {
                 self.metrics
                     .retries(&format!("call_{}", call_error.code), rejected);
                 for record in batch {
-                    self.retry(record, &last_error, now, jitter);
+                    self.retry(record, &last_error, now, jitter, None);
                 }
                 true
             }
@@ -1672,6 +1684,7 @@ impl<S: RecordSink> Pipeline<S> {
         let pending_records = self.scheduler.len();
         let pending_bytes = self.scheduler.held_bytes();
         let records_delayed = self.scheduler.delayed_len();
+        let paced_shards = self.pacer.paced(Instant::now());
         let calls_in_flight = self.inflight.len();
         // The copy is done once every range is read and its end behind the frontier (every
         // copied record acknowledged, or skipped by policy): the next positions carry no
@@ -1695,8 +1708,13 @@ impl<S: RecordSink> Pipeline<S> {
                 }
             });
         }
-        self.metrics
-            .flow(limit, pending_records, pending_bytes, records_delayed);
+        self.metrics.flow(
+            limit,
+            pending_records,
+            pending_bytes,
+            records_delayed,
+            paced_shards.len(),
+        );
         self.status.update(|s| {
             s.counters.events += events;
             if event_time.is_some() {
@@ -1711,11 +1729,47 @@ impl<S: RecordSink> Pipeline<S> {
             s.flow.pending_records = pending_records;
             s.flow.pending_bytes = pending_bytes;
             s.flow.records_delayed = records_delayed;
+            s.flow.paced_shards = paced_shards
+                .iter()
+                .map(|n| format!("shardId-{n:012}"))
+                .collect();
         });
     }
 
-    /// Puts a rejected record back at the head of its key, to go again after its own delay.
-    fn retry(&mut self, record: PendingRecord, last_error: &str, now: Instant, jitter: f64) {
+    /// The next turn of each shard that throttled records of this call (none, usually): the
+    /// shard's throttled records share it.
+    fn throttled_turns(&mut self, results: &[RecordResult], now: Instant) -> HashMap<u64, Instant> {
+        let mut throttled: HashMap<u64, u32> = HashMap::new();
+        for result in results {
+            if let RecordResult::Rejected {
+                error_code,
+                message,
+            } = result
+            {
+                if let Some(shard) = (error_code == kinesis::THROTTLED)
+                    .then(|| kinesis::throttled_shard(message))
+                    .flatten()
+                {
+                    *throttled.entry(shard).or_default() += 1;
+                }
+            }
+        }
+        throttled
+            .into_iter()
+            .map(|(shard, n)| (shard, self.pacer.throttled(shard, n, now)))
+            .collect()
+    }
+
+    /// Puts a rejected record back at the head of its key, to go again after its own delay and
+    /// not before `turn` (its throttled shard's next turn).
+    fn retry(
+        &mut self,
+        record: PendingRecord,
+        last_error: &str,
+        now: Instant,
+        jitter: f64,
+        turn: Option<Instant>,
+    ) {
         let attempts = record.attempts + 1;
         let batch = &self.spec.batch;
         let delay = record_delay(
@@ -1724,7 +1778,8 @@ impl<S: RecordSink> Pipeline<S> {
             batch.record_retry_max_backoff,
             jitter,
         );
-        self.scheduler.retry(record, Some(now + delay));
+        let at = (now + delay).max(turn.unwrap_or(now));
+        self.scheduler.retry(record, Some(at));
         if let Some(max) = batch.max_put_retries {
             if attempts > max && !self.halted {
                 self.halted = true;

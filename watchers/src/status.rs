@@ -169,6 +169,8 @@ pub struct Flow {
     pub pending_bytes: usize,
     /// Records Kinesis rejected that wait for their own retry delay.
     pub records_delayed: usize,
+    /// Shards over their limit whose rejected records are being paced (`shardId-...`).
+    pub paced_shards: Vec<String>,
     /// Records Kinesis rejected since the process started, by error code.
     pub rejected: BTreeMap<String, u64>,
 }

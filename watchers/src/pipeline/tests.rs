@@ -122,7 +122,7 @@ impl RecordSink for FakeSink {
                 Fate::Accept => {
                     log.delivered
                         .push((Instant::now(), r.partition_key.clone(), r.seq));
-                    RecordResult::Accepted
+                    RecordResult::Accepted { shard: None }
                 }
                 _ => RecordResult::Rejected {
                     error_code: "ProvisionedThroughputExceededException".into(),
