@@ -82,8 +82,9 @@ const PACE_FLOOR: f64 = 50.0;
 const PACE_WINDOW: Duration = Duration::from_secs(1);
 const PACE_SLICES: usize = 10;
 /// Turns a shard left unused are kept for this long: records throttled after a quiet spell go
-/// at once, up to this much of the shard's paced rate (a token bucket's depth).
-const PACE_BURST: Duration = Duration::from_millis(250);
+/// at once, up to this much of the shard's paced rate (a token bucket's depth: one second's
+/// worth, as Kinesis's own per-shard buckets hold).
+const PACE_BURST: Duration = Duration::from_secs(1);
 /// The furthest ahead a rejected record is given a turn. Beyond it, records share the last
 /// turn (and are throttled again there), rather than waiting on a rate measured long before.
 const PACE_AHEAD: Duration = Duration::from_secs(5);
@@ -353,8 +354,9 @@ mod tests {
         let now = Instant::now() + Duration::from_secs(10);
         let mut pacer = ShardPacer::default();
         accepted_over_a_second(&mut pacer, 1, 1000, now);
-        // A quarter second of the paced rate (1,500/s) goes at once, as 375 records of one call.
-        assert_eq!(pacer.throttled(1, 375, now), now);
+        // The bucket's depth of the paced rate (1,500/s) goes at once.
+        let burst = (1500.0 * secs(PACE_BURST)).round() as u32;
+        assert_eq!(pacer.throttled(1, burst, now), now);
         // Then each call's throttled records take their share of the rate.
         let a = pacer.throttled(1, 30, now);
         let b = pacer.throttled(1, 1, now);
@@ -364,11 +366,13 @@ mod tests {
         // Another shard is not held back by this one.
         accepted_over_a_second(&mut pacer, 2, 1000, now);
         assert_eq!(pacer.throttled(2, 1, now), now);
-        // Turns left unused are kept for a quarter second only.
-        let later = now + Duration::from_secs(2);
+        // Turns left unused are kept for the bucket's depth only.
+        let later = now + PACE_BURST * 3;
         accepted_over_a_second(&mut pacer, 1, 1000, later);
-        assert_eq!(pacer.throttled(1, 375, later), later);
+        assert_eq!(pacer.throttled(1, burst - 100, later), later);
         assert_eq!(pacer.throttled(1, 100, later), later);
+        // (the window's slices make the rate there a little over 1,000/s)
+        pacer.throttled(1, 200, later);
         assert!(pacer.throttled(1, 1, later) > later);
     }
 
@@ -388,13 +392,14 @@ mod tests {
         let start = Instant::now() + Duration::from_secs(10);
         let mut pacer = ShardPacer::default();
         accepted_over_a_second(&mut pacer, 7, 100, start);
-        // 300 records at 150/s: the last turn is 1.75 s on (2 s, less the quarter-second burst).
-        assert_eq!(pacer.throttled(7, 300, start), start);
-        // Half a second later nothing was accepted in the last second: paced at the floor.
+        // 600 records at 150/s take 4 s of turns, less the bucket's depth.
+        assert_eq!(pacer.throttled(7, 600, start), start);
+        // 1.5 s later nothing was accepted in the last second: paced at the floor.
         let now = start + Duration::from_millis(1500);
         let a = pacer.throttled(7, 1, now);
         let b = pacer.throttled(7, 1, now);
-        assert!((secs(a - start) - 1.75).abs() < 1e-3, "{:?}", a - start);
+        let first = 4.0 - secs(PACE_BURST);
+        assert!((secs(a - start) - first).abs() < 1e-3, "{:?}", a - start);
         let floor_gap = 1.0 / (PACE_FLOOR * PACE_HEADROOM);
         assert!((secs(b - a) - floor_gap).abs() < 1e-6, "{:?}", b - a);
         let last = (0..10_000)
