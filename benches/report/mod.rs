@@ -367,6 +367,22 @@ const FIGS: &[Fig] = &[
         2,
     ),
     fig(
+        "c_share",
+        8,
+        "5x backlog into shards held to 1,000 records/s each: delivered / the shards' limit",
+        "",
+        None,
+        2,
+    ),
+    fig(
+        "c_thrown",
+        8,
+        "the same: records throttled per record delivered",
+        "records",
+        None,
+        2,
+    ),
+    fig(
         "a_rejected",
         8,
         "records the proxy rejected",
@@ -377,7 +393,7 @@ const FIGS: &[Fig] = &[
     fig(
         "a_lost",
         8,
-        "records lost (both runs)",
+        "records lost (all runs)",
         "records",
         Some((Cmp::Eq, 0.0)),
         0,
@@ -385,7 +401,7 @@ const FIGS: &[Fig] = &[
     fig(
         "a_dup",
         8,
-        "records duplicated (both runs)",
+        "records duplicated (all runs)",
         "records",
         Some((Cmp::Eq, 0.0)),
         0,
@@ -1324,6 +1340,9 @@ fn throttle_extra() -> String {
         .replace("\\n", "\n")
 }
 
+/// Kinesis's per-shard write limit in records per second, as the proxy's `shard_limit` holds it.
+const LIMIT_RPS: f64 = 1000.0;
+
 struct ThrottleA {
     rate: f64,
     lost: usize,
@@ -1331,8 +1350,6 @@ struct ThrottleA {
     rejected: f64,
 }
 
-/// Scenario 8, one half: a backlog of `docs` documents of `bytes` bytes into a stream of
-/// `shards` shards through the proxy, with or without half of shard 0's records rejected.
 /// Throttling A's two halves on `docs` documents, fault-free then with half of shard 0's
 /// records rejected; `label` tells the pair apart in the bench's output.
 async fn throttle_a_pair(
@@ -1345,28 +1362,31 @@ async fn throttle_a_pair(
 ) -> (Result<ThrottleA, String>, Result<ThrottleA, String>) {
     let clean = attempt(
         &format!("8 throttling A{label}, fault-free"),
-        throttle_a(e.clone(), proxy.clone(), docs, bytes, shards, false),
+        throttle_a(e.clone(), proxy.clone(), docs, bytes, shards, None),
     )
     .await;
+    let half = json!({"fail_shard": {"shard": 0, "of": shards, "rate": 0.5}});
     let fault = attempt(
         &format!("8 throttling A{label}, shard 0 half rejected"),
-        throttle_a(e.clone(), proxy.clone(), docs, bytes, shards, true),
+        throttle_a(e.clone(), proxy.clone(), docs, bytes, shards, Some(half)),
     )
     .await;
     (clean, fault)
 }
 
+/// Scenario 8, one run: a backlog of `docs` documents of `bytes` bytes into a stream of
+/// `shards` shards through the proxy, with `faults` as its rules (none: fault-free).
 async fn throttle_a(
     e: Arc<Env>,
     proxy: Arc<Proxy>,
     docs: usize,
     bytes: usize,
     shards: i32,
-    faults: bool,
+    faults: Option<serde_json::Value>,
 ) -> ThrottleA {
     proxy.reset();
-    if faults {
-        proxy.rules(json!({"fail_shard": {"shard": 0, "of": shards, "rate": 0.5}}));
+    if let Some(rules) = faults {
+        proxy.rules(rules);
     }
     let stream = unique("bench-thr-a");
     e.aws.create_stream(&stream, shards).await;
@@ -1770,6 +1790,22 @@ async fn one_run(s: &Sizes, run: usize) -> RunResult {
                 }
                 (Err(err), _) | (_, Err(err)) => add_error(&mut r.errors, 8, err),
             }
+            // Every shard held to Kinesis's 1,000 records/s (the proxy's token buckets): how
+            // close the watcher gets to the limit, and how many records the shards throw back
+            // on the way (throttled records are paced per shard).
+            let limited = json!({"shard_limit": {"of": shards, "records_per_s": LIMIT_RPS}});
+            let run = throttle_a(e.clone(), proxy.clone(), long, bytes, shards, Some(limited));
+            match attempt("8 throttling, shards held to their limit", run).await {
+                Ok(c) if c.lost + c.dup == 0 => {
+                    r.set("c_share", c.rate / (f64::from(shards) * LIMIT_RPS));
+                    r.set("c_thrown", c.rejected / long as f64);
+                }
+                Ok(c) => {
+                    let err = format!("shards held: {} lost, {} duplicated", c.lost, c.dup);
+                    add_error(&mut r.errors, 8, err);
+                }
+                Err(err) => add_error(&mut r.errors, 8, err),
+            }
         }
         if s.wants(9) {
             let clean = attempt(
@@ -2100,7 +2136,8 @@ fn render(s: &Sizes, runs: &[RunResult], total: Duration) -> String {
          the backlog drain of scenario 2 (it includes answering the bench's status polls), \
          divided by the backlog's events.\n\
          - Throttling (8, 9) goes through `tests/support/kinesis_proxy.py` in both halves, so its \
-         ratios compare like with like; (8) uses the proxy's `fail_shard` rule, (9) \
+         ratios compare like with like; (8) uses the proxy's `fail_shard` rule, then its \
+         `shard_limit` rule (1,000 records/s per shard), (9) \
          `fail_record_rate: 0.25` and `fail_call_rate: 0.1`. Time (9) runs from the first update \
          until the watcher reports the last one acknowledged.\n\
          - Scenarios 2, 5, 8 and 9 end when the watcher reports every event acknowledged \
@@ -2182,7 +2219,8 @@ pub async fn smoke() {
     drop(w);
     // Scenario 8 at a tiny size.
     let proxy = Arc::new(Proxy::start(&e.moto));
-    let a = throttle_a(e.clone(), proxy, n, 500, 4, true).await;
+    let half = json!({"fail_shard": {"shard": 0, "of": 4, "rate": 0.5}});
+    let a = throttle_a(e.clone(), proxy, n, 500, 4, Some(half)).await;
     assert_eq!(
         (a.lost, a.dup),
         (0, 0),
