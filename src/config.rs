@@ -1299,11 +1299,11 @@ watchers:
         assert_eq!(defaults.watchers[0].batch.max_pending_bytes, 64 << 20);
         assert_eq!(
             defaults.watchers[0].batch.record_retry_max_backoff,
-            Duration::from_millis(100)
+            Duration::from_millis(40)
         );
         assert_eq!(
             defaults.watchers[0].batch.record_retry_initial_backoff,
-            Duration::from_millis(25)
+            Duration::from_millis(10)
         );
         let bad = r#"
 mongodb: {uri: "mongodb://h"}

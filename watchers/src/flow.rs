@@ -85,6 +85,9 @@ const PACE_SLICES: usize = 10;
 /// at once, up to this much of the shard's paced rate (a token bucket's depth: one second's
 /// worth, as Kinesis's own per-shard buckets hold).
 const PACE_BURST: Duration = Duration::from_secs(1);
+/// Turns are given in ticks of this length: the records of one tick go together, in as few
+/// calls as they fill, rather than one call each.
+const PACE_TICK: Duration = Duration::from_millis(50);
 /// The furthest ahead a rejected record is given a turn. Beyond it, records share the last
 /// turn (and are throttled again there), rather than waiting on a rate measured long before.
 const PACE_AHEAD: Duration = Duration::from_secs(5);
@@ -93,7 +96,9 @@ const PACE_AHEAD: Duration = Duration::from_secs(5);
 /// and the next turn for its rejected records, a token bucket filled at the shard's accepted
 /// rate times [`PACE_HEADROOM`]. Records that wait for a shard over its limit reach it at
 /// about the rate it takes them, rather than each on its own short delay; a shard that
-/// rejects at random while taking most of what it gets is rarely held back by it.
+/// rejects at random while taking most of what it gets is rarely held back by it. A shard that
+/// throttles while it accepts records is at its limit, not down ([`ShardPacer::accepting`]):
+/// such calls do not count against the stream.
 #[derive(Debug, Default)]
 pub struct ShardPacer {
     shards: HashMap<u64, ShardPace>,
@@ -162,21 +167,33 @@ impl ShardPacer {
         pace.slices[PACE_SLICES - 1] = pace.slices[PACE_SLICES - 1].saturating_add(1);
     }
 
-    /// The earliest `n` records of `shard` throttled together at `now` (in one call) may go
-    /// again: the shard's next turn, which then moves on by their share of the shard's paced
-    /// rate. They share the turn, so they can share a call again.
-    pub fn throttled(&mut self, shard: u64, n: u32, now: Instant) -> Instant {
+    /// The earliest a record `shard` throttled at `now` may go again: the shard's next turn,
+    /// which then moves on by one record's share of the shard's paced rate. Turns to come are
+    /// rounded up to the shard's next [`PACE_TICK`], so the records of a tick share a call.
+    pub fn throttled(&mut self, shard: u64, now: Instant) -> Instant {
         let pace = self.pace(shard, now);
         let Some(rate) = pace.rate(now) else {
             return now;
         };
         let rate = rate.max(PACE_FLOOR) * PACE_HEADROOM;
-        let start = pace
+        let turn = pace
             .next_turn
             .max(now.checked_sub(PACE_BURST).unwrap_or(now))
             .min(now + PACE_AHEAD);
-        pace.next_turn = start + Duration::from_secs_f64(f64::from(n) / rate);
-        start.max(now)
+        pace.next_turn = turn + Duration::from_secs_f64(1.0 / rate);
+        if turn <= now {
+            return now;
+        }
+        let since = (turn - pace.first_seen).as_nanos();
+        let tick = PACE_TICK.as_nanos();
+        let ticks = u32::try_from(since.div_ceil(tick)).unwrap_or(u32::MAX);
+        pace.first_seen + PACE_TICK * ticks
+    }
+
+    /// Whether `shard` accepted any record in the last window: a shard that throttles while
+    /// it takes records is at its limit, not down.
+    pub fn accepting(&mut self, shard: u64, now: Instant) -> bool {
+        self.pace(shard, now).slices.iter().any(|&n| n > 0)
     }
 
     /// The shards being paced now (throttled records have taken turns still to come), in
@@ -354,26 +371,35 @@ mod tests {
         let now = Instant::now() + Duration::from_secs(10);
         let mut pacer = ShardPacer::default();
         accepted_over_a_second(&mut pacer, 1, 1000, now);
-        // The bucket's depth of the paced rate (1,500/s) goes at once.
-        let burst = (1500.0 * secs(PACE_BURST)).round() as u32;
-        assert_eq!(pacer.throttled(1, burst, now), now);
-        // Then each call's throttled records take their share of the rate.
-        let a = pacer.throttled(1, 30, now);
-        let b = pacer.throttled(1, 1, now);
-        assert_eq!(a, now);
-        assert!((secs(b - a) - 30.0 / 1500.0).abs() < 1e-6, "{:?}", b - a);
+        let turns: Vec<Instant> = (0..3000).map(|_| pacer.throttled(1, now)).collect();
+        // The bucket's depth (one second of the paced 1,500/s) goes at once...
+        let at_once = turns.iter().filter(|&&t| t == now).count();
+        assert!((1499..=1501).contains(&at_once), "{at_once}");
+        // ...then 1,500 a second, in ticks of 50 ms (75 records each).
+        let within_a_second = turns.iter().filter(|&&t| t <= now + PACE_WINDOW).count();
+        assert!(
+            (2925..=3076).contains(&within_a_second),
+            "{within_a_second}"
+        );
+        let mut distinct: Vec<Instant> = turns.clone();
+        distinct.dedup();
+        for pair in distinct[1..].windows(2) {
+            assert_eq!(pair[1] - pair[0], PACE_TICK);
+        }
+        let per_tick = turns.iter().filter(|&&t| t == distinct[5]).count();
+        assert!((74..=76).contains(&per_tick), "{per_tick}");
         assert_eq!(pacer.paced(now), vec![1]);
         // Another shard is not held back by this one.
         accepted_over_a_second(&mut pacer, 2, 1000, now);
-        assert_eq!(pacer.throttled(2, 1, now), now);
+        assert_eq!(pacer.throttled(2, now), now);
         // Turns left unused are kept for the bucket's depth only.
-        let later = now + PACE_BURST * 3;
+        let later = now + PACE_BURST * 4;
         accepted_over_a_second(&mut pacer, 1, 1000, later);
-        assert_eq!(pacer.throttled(1, burst - 100, later), later);
-        assert_eq!(pacer.throttled(1, 100, later), later);
-        // (the window's slices make the rate there a little over 1,000/s)
-        pacer.throttled(1, 200, later);
-        assert!(pacer.throttled(1, 1, later) > later);
+        let at_once = (0..3000)
+            .map(|_| pacer.throttled(1, later))
+            .filter(|&t| t == later)
+            .count();
+        assert!((1400..=1700).contains(&at_once), "{at_once}");
     }
 
     #[test]
@@ -381,10 +407,13 @@ mod tests {
         let now = Instant::now() + Duration::from_secs(10);
         let mut pacer = ShardPacer::default();
         // Seen for less than a window: its rate is not known, nothing waits.
-        for _ in 0..100 {
-            assert_eq!(pacer.throttled(5, 500, now), now);
+        for _ in 0..10_000 {
+            assert_eq!(pacer.throttled(5, now), now);
         }
         assert!(pacer.paced(now).is_empty());
+        assert!(!pacer.accepting(5, now));
+        pacer.accepted(5, now);
+        assert!(pacer.accepting(5, now));
     }
 
     #[test]
@@ -392,25 +421,21 @@ mod tests {
         let start = Instant::now() + Duration::from_secs(10);
         let mut pacer = ShardPacer::default();
         accepted_over_a_second(&mut pacer, 7, 100, start);
-        // 600 records at 150/s take 4 s of turns, less the bucket's depth.
-        assert_eq!(pacer.throttled(7, 600, start), start);
-        // 1.5 s later nothing was accepted in the last second: paced at the floor.
-        let now = start + Duration::from_millis(1500);
-        let a = pacer.throttled(7, 1, now);
-        let b = pacer.throttled(7, 1, now);
-        let first = 4.0 - secs(PACE_BURST);
-        assert!((secs(a - start) - first).abs() < 1e-3, "{:?}", a - start);
-        let floor_gap = 1.0 / (PACE_FLOOR * PACE_HEADROOM);
-        assert!((secs(b - a) - floor_gap).abs() < 1e-6, "{:?}", b - a);
-        let last = (0..10_000)
-            .map(|_| pacer.throttled(7, 1, now))
-            .last()
-            .unwrap();
-        assert_eq!(
-            last,
-            now + PACE_AHEAD,
-            "turns are capped {PACE_AHEAD:?} ahead"
+        // 600 records at 150/s: 150 at once, the last ~3 s on.
+        let last = (0..600).map(|_| pacer.throttled(7, start)).last().unwrap();
+        assert!(
+            (secs(last - start) - 3.0).abs() <= secs(PACE_TICK),
+            "{:?}",
+            last - start
         );
+        // 1.5 s later nothing was accepted in the last second: 75 turns a second.
+        let now = start + Duration::from_millis(1500);
+        assert!(!pacer.accepting(7, now));
+        let turns: Vec<Instant> = (0..76).map(|_| pacer.throttled(7, now)).collect();
+        let spread = secs(turns[75] - turns[0]);
+        assert!((spread - 1.0).abs() <= secs(PACE_TICK), "{spread}");
+        let last = (0..10_000).map(|_| pacer.throttled(7, now)).last().unwrap();
+        assert!(last >= now + PACE_AHEAD && last <= now + PACE_AHEAD + PACE_TICK);
     }
 
     #[test]
@@ -437,8 +462,8 @@ mod tests {
     }
 
     #[test]
-    fn default_record_delays_grow_from_25_to_100_ms() {
-        // The README's figures: a record's ceiling doubles from 25 ms and stops at 100 ms,
+    fn default_record_delays_grow_from_10_to_40_ms() {
+        // The README's figures: a record's ceiling doubles from 10 ms and stops at 40 ms,
         // separate from the stream backoff's 100 ms start.
         let b = crate::spec::BatchSettings::default();
         let ceilings: Vec<_> = (1..=5)
@@ -452,7 +477,7 @@ mod tests {
                 .as_millis()
             })
             .collect();
-        assert_eq!(ceilings, vec![25, 50, 100, 100, 100]);
+        assert_eq!(ceilings, vec![10, 20, 40, 40, 40]);
         assert_eq!(b.retry_initial_backoff, Duration::from_millis(100));
     }
 

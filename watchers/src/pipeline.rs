@@ -1514,9 +1514,11 @@ impl<S: RecordSink> Pipeline<S> {
         let mut copied = 0u64;
         let mut last_error = String::new();
         let mut refusal = None;
+        // Every rejection came from a shard that took records in the last second: it is at its
+        // limit (paced), which says nothing about the stream as a whole.
+        let mut shards_at_limit = true;
         let call_failed = match result {
             Ok(results) => {
-                let turns = self.throttled_turns(&results, now);
                 let mut codes: HashMap<String, u64> = HashMap::new();
                 for (record, outcome) in batch.into_iter().zip(results) {
                     match outcome {
@@ -1549,10 +1551,19 @@ impl<S: RecordSink> Pipeline<S> {
                         } => {
                             rejected += 1;
                             // A shard over its limit takes its records back at its own pace.
-                            let turn = (error_code == kinesis::THROTTLED)
+                            let shard = (error_code == kinesis::THROTTLED)
                                 .then(|| kinesis::throttled_shard(&message))
-                                .flatten()
-                                .and_then(|shard| turns.get(&shard).copied());
+                                .flatten();
+                            let turn = match shard {
+                                Some(shard) => {
+                                    shards_at_limit &= self.pacer.accepting(shard, now);
+                                    Some(self.pacer.throttled(shard, now))
+                                }
+                                None => {
+                                    shards_at_limit = false;
+                                    None
+                                }
+                            };
                             last_error = format!("{error_code}: {message}");
                             *codes.entry(error_code).or_default() += 1;
                             self.retry(record, &last_error, now, jitter, turn);
@@ -1573,6 +1584,7 @@ impl<S: RecordSink> Pipeline<S> {
                 false
             }
             Err(call_error) => {
+                shards_at_limit = false;
                 rejected = batch.len() as u64;
                 last_error = call_error.to_string();
                 refusal = aws_refusal(
@@ -1614,9 +1626,10 @@ impl<S: RecordSink> Pipeline<S> {
             if self.kinesis_trouble.take().is_some() {
                 self.show_health();
             }
-        } else if call_failed || rejected > 1 {
+        } else if (call_failed || rejected > 1) && !shards_at_limit {
             // Nothing got through: a signal about the stream. A lone record rejected on its
-            // own is a signal about its key (a hot key or shard) and only delays that record.
+            // own is a signal about its key (a hot key or shard) and only delays that record;
+            // records throttled by shards that are taking others are paced per shard.
             self.failing_calls += 1;
             self.limit.on_stream_failure();
             if self.failing_calls >= STREAM_BACKOFF_AFTER {
@@ -1734,30 +1747,6 @@ impl<S: RecordSink> Pipeline<S> {
                 .map(|n| format!("shardId-{n:012}"))
                 .collect();
         });
-    }
-
-    /// The next turn of each shard that throttled records of this call (none, usually): the
-    /// shard's throttled records share it.
-    fn throttled_turns(&mut self, results: &[RecordResult], now: Instant) -> HashMap<u64, Instant> {
-        let mut throttled: HashMap<u64, u32> = HashMap::new();
-        for result in results {
-            if let RecordResult::Rejected {
-                error_code,
-                message,
-            } = result
-            {
-                if let Some(shard) = (error_code == kinesis::THROTTLED)
-                    .then(|| kinesis::throttled_shard(message))
-                    .flatten()
-                {
-                    *throttled.entry(shard).or_default() += 1;
-                }
-            }
-        }
-        throttled
-            .into_iter()
-            .map(|(shard, n)| (shard, self.pacer.throttled(shard, n, now)))
-            .collect()
     }
 
     /// Puts a rejected record back at the head of its key, to go again after its own delay and

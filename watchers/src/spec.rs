@@ -189,8 +189,8 @@ impl Default for BatchSettings {
             max_put_retries: None,
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(10),
-            record_retry_initial_backoff: Duration::from_millis(25),
-            record_retry_max_backoff: Duration::from_millis(100),
+            record_retry_initial_backoff: Duration::from_millis(10),
+            record_retry_max_backoff: Duration::from_millis(40),
         }
     }
 }

@@ -21,6 +21,10 @@ use crate::status::Status;
 enum Fate {
     Accept,
     Reject,
+    /// Accepted by the numbered shard (the answer names it).
+    AcceptOn(u64),
+    /// Rejected by the numbered shard as over its limit, in Kinesis's words.
+    ThrottledOn(u64),
     /// The whole call fails (an error answer).
     FailCall,
 }
@@ -119,11 +123,22 @@ impl RecordSink for FakeSink {
             .iter()
             .zip(fates)
             .map(|(r, fate)| match fate {
-                Fate::Accept => {
+                Fate::Accept | Fate::AcceptOn(_) => {
                     log.delivered
                         .push((Instant::now(), r.partition_key.clone(), r.seq));
-                    RecordResult::Accepted { shard: None }
+                    let shard = match fate {
+                        Fate::AcceptOn(shard) => Some(shard),
+                        _ => None,
+                    };
+                    RecordResult::Accepted { shard }
                 }
+                Fate::ThrottledOn(shard) => RecordResult::Rejected {
+                    error_code: "ProvisionedThroughputExceededException".into(),
+                    message: format!(
+                        "Rate exceeded for shard shardId-{shard:012} in stream fake-stream \
+                         under account 123456789012."
+                    ),
+                },
                 _ => RecordResult::Rejected {
                     error_code: "ProvisionedThroughputExceededException".into(),
                     message: "injected".into(),
@@ -471,6 +486,104 @@ async fn a_rejected_record_waits_alone_while_other_keys_flow() {
     // A partial rejection is not a stream failure: the limit stays where it was.
     assert_eq!(run.status.borrow().flow.send_limit, 4);
     assert_eq!(run.status.borrow().state, State::Starting);
+    run.stop().await.0.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shard_over_its_limit_gets_its_throttled_records_at_its_pace() {
+    // Keys `s0-*` go to shard 0, which takes 100 records a second (a bucket of one second's
+    // worth); keys `s1-*` to shard 1, which takes everything.
+    let throttled = Arc::new(AtomicU64::new(0));
+    let bucket = Mutex::new((100.0f64, Instant::now()));
+    let sink = FakeSink::new({
+        let throttled = throttled.clone();
+        move |r, _| {
+            if r.partition_key.starts_with("s1-") {
+                return Fate::AcceptOn(1);
+            }
+            let mut b = bucket.lock().unwrap();
+            let now = Instant::now();
+            b.0 = (b.0 + (now - b.1).as_secs_f64() * 100.0).min(100.0);
+            b.1 = now;
+            if b.0 >= 1.0 {
+                b.0 -= 1.0;
+                Fate::AcceptOn(0)
+            } else {
+                throttled.fetch_add(1, Ordering::Relaxed);
+                Fate::ThrottledOn(0)
+            }
+        }
+    });
+    let mut run = Run::start(spec(batch()), sink.clone(), None);
+    for i in 0..600 {
+        run.insert(&format!("s0-{i}")).await;
+    }
+    run.idle().await;
+    // The first second is not paced: the shard's rate is not known yet.
+    tokio::time::sleep(ms(2000)).await;
+    let before = throttled.load(Ordering::Relaxed);
+    // Other shards' keys are not held back.
+    let delivered = sink.delivered().len();
+    for i in 0..5 {
+        run.insert(&format!("s1-{i}")).await;
+    }
+    run.idle().await;
+    tokio::time::sleep(ms(100)).await;
+    let s1 = sink.delivered()[delivered..]
+        .iter()
+        .filter(|(_, k, _)| k.starts_with("s1-"))
+        .count();
+    assert_eq!(s1, 5, "shard 1's records went at once");
+    tokio::time::sleep(ms(1900)).await;
+    // Two seconds at 150 turns a second for a shard that takes 100: ~100 throttled. Each of
+    // the ~400 waiting records on its own 20 ms delay would be ~40,000.
+    let paced = throttled.load(Ordering::Relaxed) - before;
+    assert!(
+        paced < 400,
+        "{paced} records throttled in 2 s by a shard taking 100/s"
+    );
+    assert_eq!(
+        run.status.borrow().flow.paced_shards,
+        vec!["shardId-000000000000".to_owned()]
+    );
+    // A shard at its limit is not the stream failing: the send limit and state stay.
+    assert_eq!(run.status.borrow().flow.send_limit, 4);
+    assert_ne!(run.status.borrow().state, State::BackingOff);
+    // Pacing does not leave the shard idle: 600 records at 100 a second (the first 100 at
+    // once) are all in by ~5 s.
+    tokio::time::sleep(ms(1500)).await;
+    assert_eq!(sink.delivered().len(), 605);
+    tokio::time::sleep(ms(1000)).await;
+    assert!(run.status.borrow().flow.paced_shards.is_empty());
+    run.stop().await.0.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_a_shard_at_its_limit_throttles_whole_do_not_count_against_the_stream() {
+    // Every key on shard 0, which takes one record in every third call and throttles the
+    // rest: two calls in three have nothing accepted, while the shard plainly takes records.
+    let last_call = Mutex::new(None);
+    let sink = FakeSink::new(move |_, call| {
+        let mut last = last_call.lock().unwrap();
+        let first_of_call = *last != Some(call);
+        *last = Some(call);
+        if call % 3 == 0 && first_of_call {
+            Fate::AcceptOn(0)
+        } else {
+            Fate::ThrottledOn(0)
+        }
+    });
+    let mut run = Run::start(spec(batch()), sink.clone(), None);
+    for i in 0..300 {
+        run.insert(&format!("k-{i}")).await;
+    }
+    run.idle().await;
+    tokio::time::sleep(ms(3000)).await;
+    let calls = sink.calls().len();
+    assert!(calls > 30, "{calls} calls");
+    let status = run.status.borrow().clone();
+    assert_eq!(status.flow.send_limit, 4, "the send limit was cut");
+    assert_ne!(status.state, State::BackingOff, "{:?}", status.reason);
     run.stop().await.0.unwrap();
 }
 
