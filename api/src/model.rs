@@ -92,7 +92,11 @@ impl From<Flow> for FlowView {
             pending_records: f.pending_records,
             pending_bytes: f.pending_bytes,
             records_delayed: f.records_delayed,
-            paced_shards: f.paced_shards,
+            paced_shards: f
+                .paced_shards
+                .iter()
+                .map(|n| format!("shardId-{n:012}"))
+                .collect(),
             rejected: f.rejected,
         }
     }

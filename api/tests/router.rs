@@ -401,7 +401,7 @@ async fn watchers_are_listed_in_config_order_with_every_field() {
             pending_records: 40,
             pending_bytes: 40_960,
             records_delayed: 3,
-            paced_shards: vec!["shardId-000000000002".into()],
+            paced_shards: vec![2],
             rejected: [("ProvisionedThroughputExceededException".to_owned(), 7)].into(),
         };
     });

@@ -1742,10 +1742,7 @@ impl<S: RecordSink> Pipeline<S> {
             s.flow.pending_records = pending_records;
             s.flow.pending_bytes = pending_bytes;
             s.flow.records_delayed = records_delayed;
-            s.flow.paced_shards = paced_shards
-                .iter()
-                .map(|n| format!("shardId-{n:012}"))
-                .collect();
+            s.flow.paced_shards = paced_shards;
         });
     }
 

@@ -169,8 +169,9 @@ pub struct Flow {
     pub pending_bytes: usize,
     /// Records Kinesis rejected that wait for their own retry delay.
     pub records_delayed: usize,
-    /// Shards over their limit whose rejected records are being paced (`shardId-...`).
-    pub paced_shards: Vec<String>,
+    /// Shards over their limit whose rejected records are being paced, by number
+    /// (`shardId-000000000003` is 3).
+    pub paced_shards: Vec<u64>,
     /// Records Kinesis rejected since the process started, by error code.
     pub rejected: BTreeMap<String, u64>,
 }
