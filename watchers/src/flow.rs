@@ -69,6 +69,14 @@ impl SendLimit {
     }
 }
 
+/// The own delay of a record its shard throttled (`ProvisionedThroughputExceededException`
+/// naming the shard): full jitter under 1, 2, then 4 ms. Such a record is paced by its
+/// shard's turns ([`ShardPacer`]); while many wait, the calls in flight bound their re-sends
+/// first. Records rejected for any other reason wait `record_retry_initial_backoff` up to
+/// `record_retry_max_backoff`.
+pub const THROTTLED_RECORD_INITIAL: Duration = Duration::from_millis(1);
+pub const THROTTLED_RECORD_MAX: Duration = Duration::from_millis(4);
+
 /// How much faster than a throttled shard's accepted rate its rejected records go again
 /// (the KPL's default `RateLimit` is 150 % of a shard's limit).
 const PACE_HEADROOM: f64 = 1.5;

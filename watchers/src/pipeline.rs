@@ -32,7 +32,10 @@ use crate::error::{
     aws_refusal, is_foreign_resume_token, summary, AwsResource, MongoLogin, Retry, TokenOrigin,
     WatcherError,
 };
-use crate::flow::{record_delay, ByteBudget, Reservation, SendLimit, ShardPacer};
+use crate::flow::{
+    record_delay, ByteBudget, Reservation, SendLimit, ShardPacer, THROTTLED_RECORD_INITIAL,
+    THROTTLED_RECORD_MAX,
+};
 use crate::kinesis::{self, CallError, KinesisSink, RecordResult, RecordSink};
 use crate::metrics::{Metrics, WatcherMetrics};
 use crate::reader::{self, Decoded, ReaderMsg, StartPosition, Undecodable};
@@ -1758,12 +1761,16 @@ impl<S: RecordSink> Pipeline<S> {
     ) {
         let attempts = record.attempts + 1;
         let batch = &self.spec.batch;
-        let delay = record_delay(
-            attempts,
-            batch.record_retry_initial_backoff,
-            batch.record_retry_max_backoff,
-            jitter,
-        );
+        // A record its shard throttled (the answer names the shard) is paced by that shard's
+        // turns; its own delay only spreads it. Any other rejection waits the configured one.
+        let (initial, max) = match turn {
+            Some(_) => (THROTTLED_RECORD_INITIAL, THROTTLED_RECORD_MAX),
+            None => (
+                batch.record_retry_initial_backoff,
+                batch.record_retry_max_backoff,
+            ),
+        };
+        let delay = record_delay(attempts, initial, max, jitter);
         let at = (now + delay).max(turn.unwrap_or(now));
         self.scheduler.retry(record, Some(at));
         if let Some(max) = batch.max_put_retries {

@@ -585,6 +585,44 @@ async fn calls_a_shard_at_its_limit_throttles_whole_do_not_count_against_the_str
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_record_its_shard_throttled_goes_again_within_milliseconds() {
+    // Key `t` is throttled three times by shard 0 (the answer names it); long configured
+    // delays are for other rejections.
+    let attempts = Mutex::new(0u32);
+    let sink = FakeSink::new(move |r, _| {
+        if r.partition_key != "t" {
+            return Fate::Accept;
+        }
+        let mut n = attempts.lock().unwrap();
+        *n += 1;
+        if *n <= 3 {
+            Fate::ThrottledOn(0)
+        } else {
+            Fate::AcceptOn(0)
+        }
+    });
+    let settings = BatchSettings {
+        record_retry_initial_backoff: ms(100),
+        record_retry_max_backoff: ms(1000),
+        ..batch()
+    };
+    let mut run = Run::start(spec(settings), sink.clone(), None);
+    let start = Instant::now();
+    run.insert("t").await;
+    run.idle().await;
+    tokio::time::sleep(ms(100)).await;
+    // Four calls of 10 ms and three delays under 1, 2 and 4 ms.
+    let delivered = sink.delivered();
+    assert_eq!(delivered.len(), 1, "{:?}", sink.calls());
+    assert!(
+        delivered[0].0 - start <= ms(50),
+        "{:?}",
+        delivered[0].0 - start
+    );
+    run.stop().await.0.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_retried_record_does_not_linger_again() {
     // Key `a` is rejected once; the reader is not idle (it waits on an empty stream).
     let sink = FakeSink::rejecting("a", 1);
