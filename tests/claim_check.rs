@@ -10,7 +10,7 @@ mod support;
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use bson::{doc, Document};
+use bson::doc;
 use sha2::{Digest, Sha256};
 use support::*;
 
@@ -118,6 +118,7 @@ async fn check_object(s3: &S3, bucket: &str, pointer: &Record) -> serde_json::Va
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_event_goes_to_s3_and_a_pointer_takes_its_place_in_order() {
     let Claims { env, s3, bucket } = Claims::new().await;
+    let c = env.coll().await;
     let Env {
         mongo,
         moto,
@@ -135,11 +136,6 @@ async fn an_oversized_event_goes_to_s3_and_a_pointer_takes_its_place_in_order() 
     );
     aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
 
-    let c = mongo
-        .client()
-        .await
-        .database("db")
-        .collection::<Document>("c");
     let big = "x".repeat(BIG);
     c.insert_one(doc! {"_id": 1_i64, "v": 0_i64}).await.unwrap();
     c.insert_one(doc! {"_id": 2_i64, "v": 0_i64}).await.unwrap();
@@ -233,6 +229,7 @@ async fn an_oversized_event_goes_to_s3_and_a_pointer_takes_its_place_in_order() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_s3_failure_holds_the_watcher_backing_off_then_delivers_without_loss() {
     let Claims { env, s3, bucket } = Claims::new().await;
+    let c = env.coll().await;
     let Env {
         mongo,
         moto,
@@ -250,11 +247,6 @@ async fn an_s3_failure_holds_the_watcher_backing_off_then_delivers_without_loss(
     );
     wait_http(port, "/readyz", WAIT, |r| r.status == 200);
 
-    let c = mongo
-        .client()
-        .await
-        .database("db")
-        .collection::<Document>("c");
     c.insert_one(doc! {"_id": 1_i64, "v": 0_i64}).await.unwrap();
     c.insert_one(doc! {"_id": 2_i64, "blob": "x".repeat(BIG)})
         .await
@@ -325,6 +317,7 @@ async fn an_s3_failure_holds_the_watcher_backing_off_then_delivers_without_loss(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_access_denied_names_the_permission_then_delivers_once_granted() {
     let Claims { env, s3, bucket } = Claims::new().await;
+    let c = env.coll().await;
     let Env {
         mongo,
         moto,
@@ -344,11 +337,6 @@ async fn s3_access_denied_names_the_permission_then_delivers_once_granted() {
     );
     wait_http(port, "/readyz", WAIT, |r| r.status == 200);
 
-    let c = mongo
-        .client()
-        .await
-        .database("db")
-        .collection::<Document>("c");
     c.insert_one(doc! {"_id": 1_i64, "v": 0_i64}).await.unwrap();
     c.insert_one(doc! {"_id": 2_i64, "blob": "x".repeat(BIG)})
         .await
@@ -397,6 +385,7 @@ async fn s3_access_denied_names_the_permission_then_delivers_once_granted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_during_an_upload_loses_nothing() {
     let Claims { env, s3, bucket } = Claims::new().await;
+    let c = env.coll().await;
     let Env {
         mongo,
         moto,
@@ -413,11 +402,6 @@ async fn a_kill_during_an_upload_loses_nothing() {
     );
     aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
 
-    let c = mongo
-        .client()
-        .await
-        .database("db")
-        .collection::<Document>("c");
     c.insert_one(doc! {"_id": 1_i64, "v": 0_i64}).await.unwrap();
     c.insert_one(doc! {"_id": 2_i64, "blob": "y".repeat(BIG)})
         .await
@@ -471,6 +455,7 @@ async fn a_kill_during_an_upload_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_during_a_failing_upload_leaves_the_event_to_the_next_start() {
     let Claims { env, s3, bucket } = Claims::new().await;
+    let c = env.coll().await;
     let Env {
         mongo,
         moto,
@@ -486,11 +471,6 @@ async fn a_shutdown_during_a_failing_upload_leaves_the_event_to_the_next_start()
         &moto.endpoint(),
     );
     aws.wait_for_checkpoint(&table, "w", WAIT, |_| true).await;
-    let c = mongo
-        .client()
-        .await
-        .database("db")
-        .collection::<Document>("c");
     c.insert_one(doc! {"_id": 1_i64, "v": 0_i64}).await.unwrap();
     c.insert_one(doc! {"_id": 2_i64, "blob": "y".repeat(BIG)})
         .await
