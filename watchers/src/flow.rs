@@ -140,10 +140,11 @@ impl ShardPace {
     fn advance(&mut self, now: Instant) {
         let slice = PACE_WINDOW / PACE_SLICES as u32;
         let elapsed = now.saturating_duration_since(self.slice_start);
-        let steps = (elapsed.as_nanos() / slice.as_nanos()) as usize;
-        if steps == 0 {
+        // Called for every accepted record: most calls stay in the current slice.
+        if elapsed < slice {
             return;
         }
+        let steps = (elapsed.as_nanos() / slice.as_nanos()) as usize;
         if steps >= PACE_SLICES {
             self.slices = [0; PACE_SLICES];
             self.slice_start = now;
